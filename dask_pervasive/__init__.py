@@ -1,0 +1,39 @@
+"""Pervasive context management for Dask: keep models resident, reuse them everywhere."""
+
+from __future__ import annotations
+
+from . import config  # noqa: F401  (loads pervasive.yaml into dask.config)
+from .client import ContextStatsTable, evict, install, prewarm, register, stats, where
+from .context import Context, LoadedModel, TransformersContext
+from .errors import (
+    ContextLoadError,
+    ContextTooLargeError,
+    PervasiveError,
+    TransferError,
+    UnknownContextError,
+)
+from .task import get_context, uses_context
+from .worker import ContextWorkerPlugin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Context",
+    "ContextLoadError",
+    "ContextStatsTable",
+    "ContextTooLargeError",
+    "ContextWorkerPlugin",
+    "LoadedModel",
+    "PervasiveError",
+    "TransferError",
+    "TransformersContext",
+    "UnknownContextError",
+    "evict",
+    "get_context",
+    "install",
+    "prewarm",
+    "register",
+    "stats",
+    "uses_context",
+    "where",
+]

@@ -1,0 +1,395 @@
+"""Per-worker cache of materialized contexts: states, budgets, LRU eviction.
+
+States of one context on one worker::
+
+    absent → fetching → loading → resident → evicted
+                 ↘          ↘
+                   failed ←──┘        (evicted/failed → fetching on next use)
+
+Exactly one thread fetches and loads a context; every other thread asking
+for it meanwhile waits on the same condition and gets the same object.
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dask.utils import format_bytes
+
+from .context import Context
+from .devices import (
+    measure_nbytes,
+    release_device_memory,
+    resolve_device,
+)
+from .errors import ContextLoadError, ContextTooLargeError, UnknownContextError
+from .files import fetch_source
+
+logger = logging.getLogger(__name__)
+
+
+class State(str, enum.Enum):
+    ABSENT = "absent"
+    FETCHING = "fetching"
+    LOADING = "loading"
+    RESIDENT = "resident"
+    EVICTED = "evicted"
+    FAILED = "failed"
+
+
+@dataclass
+class ContextCounters:
+    """Counters reported by :func:`dask_pervasive.stats`."""
+
+    loads: int = 0
+    hits: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    bytes_from_peers: int = 0
+    bytes_from_origin: int = 0
+    failures: int = 0
+
+
+@dataclass
+class ContextEntry:
+    """The state of one declared context on this worker."""
+
+    context: Context
+    state: State = State.ABSENT
+    value: Any = None
+    device: str | None = None
+    host_bytes: int = 0
+    device_bytes: int = 0
+    users: int = 0  #: running tasks holding the context; never evicted while > 0
+    last_used: float = 0.0
+    files_path: str | None = None
+    error: BaseException | None = None
+    failed_at: float = 0.0
+    released: Any = None  #: evicted object awaiting teardown outside the lock
+    counters: ContextCounters = field(default_factory=ContextCounters)
+
+    @property
+    def name(self) -> str:
+        return self.context.name
+
+
+class ContextCache:
+    """Materialized contexts of one worker, kept under memory budgets.
+
+    Parameters
+    ----------
+    address
+        The worker's address, for error messages and reports.
+    cache_dir
+        Directory for context files (one sub-directory per context).
+    max_bytes, device_max_bytes
+        Host and GPU budgets in bytes (``None``: unlimited). A callable is
+        evaluated on first use, so probing the GPU does not import torch at
+        worker start-up.
+    retry_failed_after
+        Seconds during which a failed context re-raises its error instead of
+        loading again.
+    chunk_size, verify
+        File copy parameters (``pervasive.transfer.*``).
+    on_change
+        ``on_change(entry)`` after every state change (used to tell the
+        scheduler); called without the lock held.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        cache_dir: str,
+        max_bytes: int | None = None,
+        device_max_bytes: int | None | Callable[[str], int | None] = None,
+        retry_failed_after: float = 30.0,
+        chunk_size: int = 4 * 2**20,
+        verify: bool = True,
+        on_change: Callable[[ContextEntry], None] | None = None,
+    ) -> None:
+        self.address = address
+        self.cache_dir = cache_dir
+        self.max_bytes = max_bytes
+        self._device_max_bytes = device_max_bytes
+        self.retry_failed_after = retry_failed_after
+        self.chunk_size = chunk_size
+        self.verify = verify
+        self.on_change = on_change
+        self.entries: dict[str, ContextEntry] = {}
+        self._holders: dict[Any, list[str]] = {}  # task key -> contexts it holds
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+
+    # -- declarations -----------------------------------------------------
+    def declare(self, context: Context) -> bool:
+        """Add a context; ``True`` if new. Redefining a name differently is an error."""
+        with self._lock:
+            old = self.entries.get(context.name)
+            if old is not None:
+                if old.context.token != context.token:
+                    raise ValueError(
+                        f"Context {context.name!r} is already declared on worker "
+                        f"{self.address} with a different definition ({old.context!r}); "
+                        "pick another name"
+                    )
+                return False
+            self.entries[context.name] = ContextEntry(context)
+        return True
+
+    def _entry(self, name: str) -> ContextEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise UnknownContextError(name, self.entries, self.address) from None
+
+    # -- budgets ------------------------------------------------------------
+    def device_budget(self, device: str) -> int | None:
+        b = self._device_max_bytes
+        return b(device) if callable(b) else b
+
+    def _held(self) -> list[ContextEntry]:
+        # Loading/fetching entries hold their declared size: room was made for it.
+        return [e for e in self.entries.values() if e.state in (State.RESIDENT, State.LOADING, State.FETCHING)]
+
+    def _overages_locked(self) -> set[str]:
+        """Budgets currently exceeded: ``"host"`` and/or device names."""
+        held = self._held()
+        over = set()
+        if self.max_bytes is not None and sum(e.host_bytes for e in held) > self.max_bytes:
+            over.add("host")
+        by_device: dict[str, int] = {}
+        for e in held:
+            if e.device_bytes:
+                by_device[e.device] = by_device.get(e.device, 0) + e.device_bytes
+        for device, used in by_device.items():
+            budget = self.device_budget(device)
+            if budget is not None and used > budget:
+                over.add(device)
+        return over
+
+    def _check_fits(self, entry: ContextEntry, host: int, dev: int) -> None:
+        if self.max_bytes is not None and host > self.max_bytes:
+            raise ContextTooLargeError(entry.name, host, self.max_bytes, "host", self.address)
+        if dev and entry.device:
+            budget = self.device_budget(entry.device)
+            if budget is not None and dev > budget:
+                raise ContextTooLargeError(entry.name, dev, budget, "device", self.address)
+
+    def _make_room_locked(self) -> list[ContextEntry]:
+        """Evict least-recently-used idle contexts while a budget is exceeded."""
+        victims = []
+        while over := self._overages_locked():
+            idle = [
+                e
+                for e in self.entries.values()
+                if e.state is State.RESIDENT
+                and e.users == 0
+                and (("host" in over and e.host_bytes) or (e.device in over and e.device_bytes))
+            ]
+            if not idle:
+                logger.warning(
+                    "Contexts in use on worker %s exceed the %s budget; idle contexts will be evicted as tasks finish",
+                    self.address,
+                    " and ".join(sorted(over)),
+                )
+                break
+            victim = min(idle, key=lambda e: e.last_used)
+            self._evict_locked(victim)
+            victims.append(victim)
+        return victims
+
+    def _evict_locked(self, entry: ContextEntry) -> None:
+        entry.released, entry.value = entry.value, None
+        entry.state = State.EVICTED
+        entry.host_bytes = entry.device_bytes = 0
+        entry.counters.evictions += 1
+
+    def _teardown(self, victims: Iterable[ContextEntry]) -> None:
+        """Run teardown, ``gc`` and ``torch.cuda.empty_cache()`` outside the lock."""
+        victims = list(victims)
+        for entry in victims:
+            value, entry.released = entry.released, None
+            if value is not None and entry.context.teardown is not None:
+                try:
+                    entry.context.teardown(value)
+                except Exception:
+                    logger.exception("teardown of context %r failed", entry.name)
+            del value
+            logger.info("Evicted context %r on %s", entry.name, self.address)
+        if victims:
+            gc.collect()
+            release_device_memory()
+            for entry in victims:
+                self._changed(entry)
+
+    def _changed(self, entry: ContextEntry) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(entry)
+            except Exception:
+                logger.exception("pervasive: could not publish state of %r", entry.name)
+
+    # -- use ----------------------------------------------------------------
+    def acquire(self, name: str, key: Any = None, count_hit: bool = True) -> Any:
+        """Return the resident object for ``name``, loading it if needed.
+
+        With ``key`` (the running task), the context is pinned until
+        :meth:`release` is called for that key.
+        """
+        with self._lock:
+            entry = self._entry(name)
+            while True:
+                if entry.state is State.RESIDENT:
+                    if count_hit:
+                        entry.counters.hits += 1
+                    self._pin_locked(entry, key)
+                    return entry.value
+                if entry.state in (State.FETCHING, State.LOADING):
+                    self._cond.wait()
+                    continue
+                if entry.state is State.FAILED and time.monotonic() - entry.failed_at < self.retry_failed_after:
+                    raise self._load_error(entry, entry.error)
+                break
+            entry.state = State.FETCHING if entry.context.source else State.LOADING
+            entry.error = None
+            entry.device = resolve_device(entry.context.device)
+        self._changed(entry)
+        try:
+            value = self._materialize(entry)
+        except BaseException as exc:
+            with self._lock:
+                entry.state = State.FAILED
+                entry.value = None
+                entry.host_bytes = entry.device_bytes = 0
+                entry.error = exc
+                entry.failed_at = time.monotonic()
+                entry.counters.failures += 1
+                self._cond.notify_all()
+            self._changed(entry)
+            if isinstance(exc, ContextTooLargeError):
+                raise
+            raise self._load_error(entry, exc) from exc
+        with self._lock:
+            entry.value = value
+            entry.state = State.RESIDENT
+            entry.counters.loads += 1
+            self._pin_locked(entry, key)
+            victims = self._make_room_locked()
+            self._cond.notify_all()
+        self._teardown(victims)
+        self._changed(entry)
+        return value
+
+    def _load_error(self, entry: ContextEntry, exc: BaseException | None) -> BaseException:
+        if isinstance(exc, ContextTooLargeError):
+            return exc
+        return ContextLoadError(entry.name, self.address, entry.context.source, exc)
+
+    def _pin_locked(self, entry: ContextEntry, key: Any) -> None:
+        entry.last_used = time.monotonic()
+        if key is not None:
+            entry.users += 1
+            self._holders.setdefault(key, []).append(entry.name)
+
+    def release(self, key: Any) -> None:
+        """Unpin every context held by task ``key`` and enforce the budgets."""
+        with self._lock:
+            names = self._holders.pop(key, None)
+            if not names:
+                return
+            for n in names:
+                e = self.entries.get(n)
+                if e is not None and e.users:
+                    e.users -= 1
+            victims = self._make_room_locked()
+        self._teardown(victims)
+
+    def _materialize(self, entry: ContextEntry) -> Any:
+        ctx = entry.context
+        counters = entry.counters
+        start = time.perf_counter()
+        declared = ctx.nbytes
+        if declared is not None:
+            on_device = entry.device.startswith("cuda")
+            with self._lock:
+                entry.host_bytes, entry.device_bytes = (0, declared) if on_device else (declared, 0)
+                self._check_fits(entry, entry.host_bytes, entry.device_bytes)
+                victims = self._make_room_locked()
+            self._teardown(victims)
+        path = None
+        if ctx.source is not None:
+            dest = os.path.join(self.cache_dir, ctx.name, ctx.token)
+            result = fetch_source(ctx.source, ctx.storage_options, dest, self.chunk_size, self.verify)
+            counters.bytes_from_origin += result.bytes_fetched
+            counters.fetch_seconds += result.seconds
+            path = entry.files_path = result.path
+            with self._lock:
+                entry.state = State.LOADING
+            self._changed(entry)
+        value = ctx.load(path, entry.device)
+        if declared is None:
+            host, dev = measure_nbytes(value)
+            try:
+                self._check_fits(entry, host, dev)
+            except ContextTooLargeError:
+                entry.released = value
+                self._teardown([entry])
+                raise
+            entry.host_bytes, entry.device_bytes = host, dev
+        counters.load_seconds += time.perf_counter() - start
+        logger.info(
+            "Loaded context %r on %s in %.2fs (%s host, %s device)",
+            ctx.name,
+            self.address,
+            time.perf_counter() - start,
+            format_bytes(entry.host_bytes),
+            format_bytes(entry.device_bytes),
+        )
+        return value
+
+    def evict(self, name: str) -> bool:
+        """Evict ``name`` now if no running task holds it; ``True`` if it was resident."""
+        with self._lock:
+            entry = self._entry(name)
+            if entry.state is not State.RESIDENT:
+                return False
+            if entry.users:
+                raise RuntimeError(f"context {name!r} is in use by {entry.users} running task(s)")
+            self._evict_locked(entry)
+        self._teardown([entry])
+        return True
+
+    def close(self) -> None:
+        """Evict everything (worker plugin teardown)."""
+        with self._lock:
+            victims = [e for e in self.entries.values() if e.state is State.RESIDENT]
+            for e in victims:
+                self._evict_locked(e)
+        self._teardown(victims)
+
+    # -- reporting ------------------------------------------------------------
+    def snapshot(self) -> list[dict]:
+        """One dict per declared context: state, sizes and counters."""
+        with self._lock:
+            return [
+                {
+                    "worker": self.address,
+                    "context": e.name,
+                    "state": e.state.value,
+                    "files": e.files_path is not None and os.path.exists(e.files_path),
+                    "host_bytes": e.host_bytes,
+                    "device_bytes": e.device_bytes,
+                    "users": e.users,
+                    **asdict(e.counters),
+                }
+                for e in self.entries.values()
+            ]

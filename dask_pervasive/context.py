@@ -1,0 +1,303 @@
+"""Context declarations: what a context is called, how it is built, from what."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import fsspec
+from dask.base import tokenize
+from dask.utils import parse_bytes
+
+from .devices import validate_device
+
+#: Names appear in cache paths and ``dask-peer://<name>/`` URLs.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _check_callable(value: Any, what: str, name: str) -> None:
+    if not callable(value):
+        raise TypeError(f"Context {name!r}: {what} must be callable, got {type(value).__name__}")
+    try:
+        cloudpickle.dumps(value)
+    except Exception as exc:
+        raise TypeError(
+            f"Context {name!r}: {what}={value!r} cannot be pickled to send it to "
+            f"workers ({type(exc).__name__}: {exc}); use a module-level function "
+            "importable on the workers"
+        ) from exc
+
+
+def _check_source(source: str, storage_options: Mapping | None, name: str) -> None:
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"Context {name!r}: source must be a non-empty URL string")
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise TypeError(f"Context {name!r}: storage_options must be a mapping")
+    for part in source.split("::"):
+        protocol, path = fsspec.core.split_protocol(part)
+        if not path or not path.strip("/"):
+            raise ValueError(f"Context {name!r}: source {source!r} has no path")
+        try:
+            fsspec.get_filesystem_class(protocol or "file")
+        except (ValueError, ImportError) as exc:
+            raise ValueError(f"Context {name!r}: cannot read source {source!r}: {exc}") from exc
+
+
+class Context:
+    """A named, expensive-to-build object kept resident on workers.
+
+    Parameters
+    ----------
+    name
+        Unique name; letters, digits, ``_``, ``.``, ``-`` (it appears in paths
+        and ``dask-peer://`` URLs).
+    load
+        ``load(path, device) -> object``. ``path`` is the local copy of
+        ``source`` on the worker (a file or directory), or ``None`` without a
+        source; ``device`` is the resolved device (``"cpu"``, ``"cuda:0"``…).
+        Must be picklable; a module-level function importable on workers is
+        best.
+    source
+        fsspec URL of the file or directory the context is built from.
+        Copied into the worker's cache directory before ``load`` runs.
+    storage_options
+        Passed to fsspec for ``source``.
+    device
+        ``"auto"`` (this worker's GPU if any, else CPU), ``"cpu"``,
+        ``"cuda"`` or ``"cuda:N"``.
+    nbytes
+        Size estimate (int or ``"2GiB"``) used to make room before loading and
+        to refuse contexts that can never fit; measured after load when
+        ``None``.
+    teardown
+        ``teardown(obj)`` run when the context is evicted.
+
+    Examples
+    --------
+    >>> def load_index(path, device):
+    ...     import numpy as np
+    ...     return np.load(path)
+    >>> ctx = Context("index", load=load_index, source="file:///data/index.npy")
+    >>> ctx.name
+    'index'
+    """
+
+    def __init__(
+        self,
+        name: str,
+        load: Callable[[str | None, str], Any],
+        source: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        device: str = "auto",
+        nbytes: int | str | None = None,
+        teardown: Callable[[Any], None] | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(
+                f"Context name must match {_NAME_RE.pattern} (letters, digits, "
+                f"'_', '.', '-'; at most 128 characters), got {name!r}"
+            )
+        _check_callable(load, "load", name)
+        if teardown is not None:
+            _check_callable(teardown, "teardown", name)
+        if source is not None:
+            _check_source(source, storage_options, name)
+        elif storage_options:
+            raise ValueError(f"Context {name!r}: storage_options given without source")
+        validate_device(device)
+        if nbytes is not None:
+            try:
+                nbytes = parse_bytes(nbytes) if isinstance(nbytes, str) else int(nbytes)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"Context {name!r}: bad nbytes {nbytes!r}") from exc
+            if nbytes <= 0:
+                raise ValueError(f"Context {name!r}: nbytes must be positive")
+        self.name = name
+        self.load = load
+        self.source = source
+        self.storage_options = dict(storage_options or {})
+        self.device = device
+        self.nbytes = nbytes
+        self.teardown = teardown
+
+    @property
+    def token(self) -> str:
+        """Deterministic identity of the declaration, to detect conflicting redefinitions."""
+        return tokenize(
+            type(self).__name__,
+            self.name,
+            _qualname(self.load),
+            self.source,
+            self.storage_options,
+            self.device,
+            self.nbytes,
+            _qualname(self.teardown),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Context) and other.token == self.token
+
+    def __hash__(self) -> int:
+        return hash(self.token)
+
+    def __repr__(self) -> str:
+        src = f", source={self.source!r}" if self.source else ""
+        return f"{type(self).__name__}({self.name!r}{src}, device={self.device!r})"
+
+
+def _qualname(fn: Any) -> str | None:
+    if fn is None:
+        return None
+    if hasattr(fn, "token"):  # our own loaders describe themselves
+        return fn.token
+    if hasattr(fn, "__qualname__"):  # functions: identity is where they live
+        return f"{getattr(fn, '__module__', '')}.{fn.__qualname__}"
+    return tokenize(fn)  # callable objects: their pickled state
+
+
+@dataclass
+class LoadedModel:
+    """What :class:`TransformersContext` puts in the cache.
+
+    Attributes
+    ----------
+    model
+        ``torch.nn.Module`` in eval mode with gradients off, on ``device``.
+        Run it under ``torch.inference_mode()``.
+    tokenizer
+        The tokenizer saved with the model, or ``None`` when there is none.
+    device
+        The device the model lives on.
+    """
+
+    model: Any
+    tokenizer: Any
+    device: str
+
+
+# transformers builds models under process-global init contexts (meta device,
+# default dtype) that are not thread-safe: two threads of one worker loading
+# different models at once corrupt each other. Serialize loads per process.
+_TRANSFORMERS_LOAD_LOCK = threading.Lock()
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+@dataclass(frozen=True)
+class TransformersLoader:
+    """Picklable ``load`` callable used by :class:`TransformersContext`."""
+
+    model_class: str = "AutoModelForCausalLM"
+    torch_dtype: str = "float32"
+    tokenizer: bool = True
+    model_kwargs: tuple = ()
+
+    @property
+    def token(self) -> str:
+        return tokenize(type(self).__name__, self.model_class, self.torch_dtype, self.tokenizer, self.model_kwargs)
+
+    def __call__(self, path: str | None, device: str) -> LoadedModel:
+        import os
+
+        import torch
+        import transformers
+
+        try:
+            cls = getattr(transformers, self.model_class)
+        except AttributeError:
+            raise ValueError(f"transformers has no model class {self.model_class!r}") from None
+        dtype = self.torch_dtype if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
+        with _TRANSFORMERS_LOAD_LOCK:
+            model = cls.from_pretrained(path, dtype=dtype, **dict(self.model_kwargs))
+            model.to(device)
+            model.eval()
+            model.requires_grad_(False)
+            tok = None
+            if (
+                self.tokenizer
+                and os.path.isdir(path)
+                and any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+            ):
+                tok = transformers.AutoTokenizer.from_pretrained(path)
+        return LoadedModel(model=model, tokenizer=tok, device=device)
+
+
+def _release_model(obj: LoadedModel) -> None:
+    # Drop the references the cache cannot see; the cache then runs gc and
+    # torch.cuda.empty_cache() so GPU memory really goes back.
+    obj.model = None
+    obj.tokenizer = None
+
+
+class TransformersContext(Context):
+    """A Hugging Face ``transformers`` model (and tokenizer) as a context.
+
+    The files under ``source`` (a directory written by ``save_pretrained``)
+    are copied to the worker through fsspec, then loaded with
+    ``<model_class>.from_pretrained`` onto the worker's device in eval mode.
+    :func:`~dask_pervasive.get_context` returns a :class:`LoadedModel`.
+
+    Parameters
+    ----------
+    name, source, storage_options, device, nbytes
+        As for :class:`Context`; ``source`` is required.
+    model_class
+        Name of a ``transformers`` class with ``from_pretrained``
+        (``"AutoModelForCausalLM"``, ``"AutoModel"``, …).
+    torch_dtype
+        ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"auto"``.
+    tokenizer
+        Load the tokenizer too when its files are present.
+    model_kwargs
+        Extra keyword arguments for ``from_pretrained``.
+
+    Examples
+    --------
+    >>> gpt = TransformersContext("gpt", source="file:///models/gpt2")  # doctest: +SKIP
+    >>> def generate(prompt):  # doctest: +SKIP
+    ...     import torch
+    ...     ctx = dask_pervasive.get_context("gpt")
+    ...     ids = ctx.tokenizer(prompt, return_tensors="pt").to(ctx.device)
+    ...     with torch.inference_mode():
+    ...         return ctx.model.generate(**ids, max_new_tokens=8)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        model_class: str = "AutoModelForCausalLM",
+        torch_dtype: str = "float32",
+        device: str = "auto",
+        storage_options: Mapping[str, Any] | None = None,
+        nbytes: int | str | None = None,
+        tokenizer: bool = True,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if source is None:
+            raise ValueError(f"TransformersContext {name!r} needs a source")
+        if not isinstance(model_class, str) or not model_class.isidentifier():
+            raise ValueError(f"model_class must be a transformers class name, got {model_class!r}")
+        if torch_dtype not in ("auto", "float32", "float16", "bfloat16", "float64"):
+            raise ValueError(f"unsupported torch_dtype {torch_dtype!r}")
+        loader = TransformersLoader(
+            model_class=model_class,
+            torch_dtype=torch_dtype,
+            tokenizer=bool(tokenizer),
+            model_kwargs=tuple(sorted((model_kwargs or {}).items())),
+        )
+        super().__init__(
+            name,
+            load=loader,
+            source=source,
+            storage_options=storage_options,
+            device=device,
+            nbytes=nbytes,
+            teardown=_release_model,
+        )
+        self.model_class = model_class
+        self.torch_dtype = torch_dtype

@@ -1,0 +1,217 @@
+"""The worker half: :class:`ContextWorkerPlugin` owns each worker's context cache."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import dask.config
+from dask.utils import parse_bytes, parse_timedelta
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .cache import ContextCache, ContextEntry
+from .context import Context
+from .devices import device_total_memory
+from .files import remove_stale_parts
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "pervasive"
+#: Topic of the events workers log when a context changes state.
+EVENT_TOPIC = "pervasive"
+_PENDING_ATTR = "_pervasive_pending_contexts"
+
+
+def resolve_budget(value: Any, total: int | None) -> int | None:
+    """Turn a budget setting into bytes.
+
+    ``None``/``"none"``/``"unlimited"`` → no limit; a float in (0, 1] → that
+    fraction of ``total`` (no limit when ``total`` is unknown); ``"8GiB"`` or
+    an int → bytes.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "unlimited")):
+        return None
+    if isinstance(value, float) and 0 < value <= 1:
+        return int(value * total) if total else None
+    if isinstance(value, str):
+        return parse_bytes(value)
+    if isinstance(value, (int, float)) and value > 0:
+        return int(value)
+    raise ValueError(f"invalid memory budget {value!r}")
+
+
+def _check_budget_setting(value: Any, what: str) -> Any:
+    try:
+        resolve_budget(value, 1)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what} must be bytes, a fraction in (0, 1] or None, got {value!r}") from exc
+    return value
+
+
+def _check_contexts(contexts: Iterable[Context]) -> list[Context]:
+    contexts = list(contexts)
+    names: dict[str, Context] = {}
+    for c in contexts:
+        if not isinstance(c, Context):
+            raise TypeError(f"expected dask_pervasive.Context objects, got {type(c).__name__}: {c!r}")
+        if c.name in names and names[c.name] != c:
+            raise ValueError(f"two different contexts are named {c.name!r}")
+        names[c.name] = c
+    return list(names.values())
+
+
+class ContextWorkerPlugin(WorkerPlugin):
+    """Keep named contexts resident on every worker, under memory budgets.
+
+    Registered once with ``client.register_plugin`` (or
+    :func:`dask_pervasive.install`), it is applied to every current and
+    future worker. Tasks get contexts with :func:`dask_pervasive.get_context`.
+
+    Parameters
+    ----------
+    contexts
+        The contexts to declare; more can be added later with
+        :func:`dask_pervasive.register`.
+    max_bytes
+        Host-memory budget for resident contexts: bytes (``"8GiB"``), a
+        fraction of the worker's memory limit, or ``"unlimited"``. ``None``
+        reads ``pervasive.worker.max-bytes``.
+    device_max_bytes
+        GPU-memory budget, same forms (a fraction is of the device's total
+        memory). ``None`` reads ``pervasive.worker.device-max-bytes``.
+    cache_dir
+        Where context files are copied. ``None`` reads
+        ``pervasive.worker.cache-dir``; when that is unset, a ``pervasive``
+        folder in the worker's local directory.
+
+    Examples
+    --------
+    >>> plugin = ContextWorkerPlugin([llm], max_bytes="8GiB")  # doctest: +SKIP
+    >>> client.register_plugin(plugin)  # doctest: +SKIP
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(
+        self,
+        contexts: Iterable[Context] = (),
+        max_bytes: str | float | None = None,
+        device_max_bytes: str | float | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.contexts = _check_contexts(contexts)
+        # Settings are read here, on the client, so a client's dask.config.set
+        # travels with the plugin (as dask-jobqueue does); fractions are
+        # resolved on each worker in setup().
+        self.max_bytes = _check_budget_setting(
+            dask.config.get("pervasive.worker.max-bytes") if max_bytes is None else max_bytes, "max_bytes"
+        )
+        self.device_max_bytes = _check_budget_setting(
+            dask.config.get("pervasive.worker.device-max-bytes") if device_max_bytes is None else device_max_bytes,
+            "device_max_bytes",
+        )
+        self.cache_dir = cache_dir if cache_dir is not None else dask.config.get("pervasive.worker.cache-dir")
+        self.retry_failed_after = parse_timedelta(dask.config.get("pervasive.worker.retry-failed-after"))
+        self.chunk_size = parse_bytes(dask.config.get("pervasive.transfer.chunk-size"))
+        self.verify = bool(dask.config.get("pervasive.transfer.verify"))
+        self.cache: ContextCache | None = None
+        self.worker: Worker | None = None
+
+    def setup(self, worker: Worker) -> None:
+        self.worker = worker
+        cache_dir = self.cache_dir or os.path.join(worker.local_directory, "pervasive")
+        os.makedirs(cache_dir, exist_ok=True)
+        remove_stale_parts(cache_dir)
+        memory_limit = worker.memory_manager.memory_limit
+        if memory_limit is None:
+            from distributed.system import MEMORY_LIMIT
+
+            memory_limit = MEMORY_LIMIT
+        self.cache = ContextCache(
+            address=worker.address,
+            cache_dir=cache_dir,
+            max_bytes=resolve_budget(self.max_bytes, memory_limit),
+            device_max_bytes=functools.lru_cache(maxsize=None)(self._device_budget),
+            retry_failed_after=self.retry_failed_after,
+            chunk_size=self.chunk_size,
+            verify=self.verify,
+            on_change=self._publish,
+        )
+        for ctx in self.contexts:
+            self.cache.declare(ctx)
+        # Contexts registered (dp.register) before this plugin reached the worker.
+        for ctx in getattr(worker, _PENDING_ATTR, {}).values():
+            self.cache.declare(ctx)
+        worker.__dict__.pop(_PENDING_ATTR, None)
+
+    def _device_budget(self, device: str) -> int | None:
+        # Probing the GPU imports torch: only done once a context lands on one.
+        return resolve_budget(self.device_max_bytes, device_total_memory(device))
+
+    def teardown(self, worker: Worker) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        # A task that leaves the executing state releases the contexts it held.
+        running = ("executing", "long-running")
+        if start in running and finish not in running and self.cache is not None:
+            self.cache.release(key)
+
+    def _publish(self, entry: ContextEntry) -> None:
+        """Tell the scheduler (and event subscribers) about a state change."""
+        if self.worker is None:
+            return
+        self.worker.log_event(
+            EVENT_TOPIC,
+            {
+                "action": "context-state",
+                "context": entry.name,
+                "state": entry.state.value,
+                "files": entry.files_path is not None,
+                "host_bytes": entry.host_bytes,
+                "device_bytes": entry.device_bytes,
+                "loads": entry.counters.loads,
+                "load_seconds": entry.counters.load_seconds,
+            },
+        )
+
+
+class ContextDeclaration(WorkerPlugin):
+    """Adds one context to the workers' caches (used by :func:`dask_pervasive.register`).
+
+    A separate plugin per context, named ``pervasive-context-<name>``, so
+    adding a context never re-creates the cache (which would drop every
+    resident model) and workers that join later receive it too.
+    """
+
+    idempotent = False
+
+    def __init__(self, context: Context) -> None:
+        if not isinstance(context, Context):
+            raise TypeError(f"expected a dask_pervasive.Context, got {type(context).__name__}")
+        self.context = context
+        self.name = f"{PLUGIN_NAME}-context-{context.name}"
+
+    def setup(self, worker: Worker) -> None:
+        plugin = worker.plugins.get(PLUGIN_NAME)
+        if isinstance(plugin, ContextWorkerPlugin) and plugin.cache is not None:
+            plugin.cache.declare(self.context)
+        else:
+            pending = worker.__dict__.setdefault(_PENDING_ATTR, {})
+            pending[self.context.name] = self.context
+
+
+def plugin_on(worker: Worker) -> ContextWorkerPlugin | None:
+    """The worker's :class:`ContextWorkerPlugin`, if installed and set up."""
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if isinstance(plugin, ContextWorkerPlugin) and plugin.cache is not None:
+        return plugin
+    return None

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep worker logs readable: transformers' progress bars go to stderr per load.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from distributed.utils_test import (  # noqa: F401  (fixtures used by gen_cluster)
+    cleanup,
+    loop,
+    loop_in_thread,
+)
+
+import dask_pervasive  # noqa: F401  (before utils_test snapshots dask.config)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A real GPT-2 (2 layers, 64-dim) and tokenizer saved with save_pretrained."""
+    pytest.importorskip("transformers")
+    from dask_pervasive.tiny_models import make_tiny_gpt2
+
+    return make_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2", n_layer=2, n_embd=64)
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -1,0 +1,121 @@
+"""Fault injection on the file copy: nothing partial is ever trusted."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from dask_pervasive.files import (
+    MANIFEST,
+    PART,
+    copy_stream,
+    fetch_source,
+    remove_stale_parts,
+)
+
+
+class Exploding(io.BytesIO):
+    """A source stream that dies after ``limit`` bytes (a killed origin)."""
+
+    def __init__(self, data, limit):
+        super().__init__(data)
+        self.limit = limit
+
+    def read(self, n=-1):
+        if self.tell() >= self.limit:
+            raise ConnectionResetError("origin went away")
+        return super().read(min(n, self.limit - self.tell()) if n > 0 else self.limit - self.tell())
+
+
+def test_interrupted_copy_leaves_nothing(tmp_path):
+    dest = tmp_path / "out.bin"
+    with pytest.raises(ConnectionResetError):
+        copy_stream(Exploding(b"x" * 1000, 300), str(dest), chunk_size=100)
+    assert os.listdir(tmp_path) == []
+
+
+def test_copy_reports_size_and_hash(tmp_path):
+    import hashlib
+
+    data = os.urandom(5000)
+    n, digest = copy_stream(io.BytesIO(data), str(tmp_path / "a" / "b.bin"), 1024)
+    assert n == 5000 and digest == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "a" / "b.bin").read_bytes() == data
+
+
+def _origin(tmp_path):
+    src = tmp_path / "origin"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(3000))
+    (src / "b.txt").write_text("config")
+    return src
+
+
+def test_copy_without_manifest_is_refetched(tmp_path):
+    """A worker killed mid-fetch leaves files but no manifest: they are not trusted."""
+    src = _origin(tmp_path)
+    dest = tmp_path / "cache"
+    dest.mkdir()
+    (dest / "a.bin").write_bytes(b"half")  # what a killed copy could leave
+    result = fetch_source(f"file://{src}", {}, str(dest), 1024)
+    assert not result.cached and result.bytes_fetched == 3006
+    assert (dest / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+
+
+def test_complete_copy_reused(tmp_path):
+    src = _origin(tmp_path)
+    dest = str(tmp_path / "cache")
+    fetch_source(f"file://{src}", {}, dest, 1024)
+    again = fetch_source(f"file://{src}", {}, dest, 1024)
+    assert again.cached and again.bytes_fetched == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_cached_copy_is_refetched(tmp_path, damage):
+    src = _origin(tmp_path)
+    dest = tmp_path / "cache"
+    fetch_source(f"file://{src}", {}, str(dest), 1024)
+    target = dest / "a.bin"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:10])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[0] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        target.unlink()
+    again = fetch_source(f"file://{src}", {}, str(dest), 1024, verify=True)
+    assert not again.cached
+    assert target.read_bytes() == (src / "a.bin").read_bytes()
+    manifest = json.loads((dest / MANIFEST).read_text())
+    assert manifest["files"]["a.bin"]["size"] == 3000
+
+
+def test_empty_directory_source(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        fetch_source(f"file://{tmp_path}/empty", {}, str(tmp_path / "cache"), 1024)
+
+
+def test_memory_filesystem_source(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/m/weights.bin", b"w" * 100)
+    fs.pipe("/models/m/cfg/config.json", b"{}")
+    result = fetch_source("memory://models/m", {}, str(tmp_path / "c"), 16)
+    assert result.bytes_fetched == 102
+    assert (tmp_path / "c" / "cfg" / "config.json").read_bytes() == b"{}"
+
+
+def test_stale_parts_removed(tmp_path):
+    old = tmp_path / f"w.bin{PART}abc"
+    old.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    fresh = tmp_path / f"v.bin{PART}def"
+    fresh.write_bytes(b"x")
+    assert remove_stale_parts(str(tmp_path)) == 1
+    assert not old.exists() and fresh.exists()
