@@ -75,6 +75,7 @@ class ContextEntry:
     error: BaseException | None = None
     failed_at: float = 0.0
     released: Any = None  #: evicted object awaiting teardown outside the lock
+    last_load_seconds: float = 0.0  #: fetch + load time of the latest load
     counters: ContextCounters = field(default_factory=ContextCounters)
 
     @property
@@ -126,6 +127,9 @@ class ContextCache:
         self.on_change = on_change
         self.entries: dict[str, ContextEntry] = {}
         self._holders: dict[Any, list[str]] = {}  # task key -> contexts it holds
+        #: task key -> wall-clock (start, stop) spans spent waiting for/doing loads,
+        #: so the worker plugin can take them out of the task's compute duration.
+        self.load_spans: dict[Any, list[tuple[float, float]]] = {}
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
 
@@ -245,6 +249,7 @@ class ContextCache:
         With ``key`` (the running task), the context is pinned until
         :meth:`release` is called for that key.
         """
+        started = time.time()
         with self._lock:
             entry = self._entry(name)
             while True:
@@ -252,6 +257,8 @@ class ContextCache:
                     if count_hit:
                         entry.counters.hits += 1
                     self._pin_locked(entry, key)
+                    if time.time() - started > 0.001:  # we waited for another thread's load
+                        self._record_span(key, started)
                     return entry.value
                 if entry.state in (State.FETCHING, State.LOADING):
                     self._cond.wait()
@@ -266,6 +273,7 @@ class ContextCache:
         try:
             value = self._materialize(entry)
         except BaseException as exc:
+            self._record_span(key, started)
             with self._lock:
                 entry.state = State.FAILED
                 entry.value = None
@@ -283,11 +291,16 @@ class ContextCache:
             entry.state = State.RESIDENT
             entry.counters.loads += 1
             self._pin_locked(entry, key)
+            self._record_span(key, started)
             victims = self._make_room_locked()
             self._cond.notify_all()
         self._teardown(victims)
         self._changed(entry)
         return value
+
+    def _record_span(self, key: Any, started: float) -> None:
+        if key is not None:
+            self.load_spans.setdefault(key, []).append((started, time.time()))
 
     def _load_error(self, entry: ContextEntry, exc: BaseException | None) -> BaseException:
         if isinstance(exc, ContextTooLargeError):
@@ -303,6 +316,7 @@ class ContextCache:
     def release(self, key: Any) -> None:
         """Unpin every context held by task ``key`` and enforce the budgets."""
         with self._lock:
+            self.load_spans.pop(key, None)
             names = self._holders.pop(key, None)
             if not names:
                 return
@@ -345,7 +359,8 @@ class ContextCache:
                 self._teardown([entry])
                 raise
             entry.host_bytes, entry.device_bytes = host, dev
-        counters.load_seconds += time.perf_counter() - start
+        entry.last_load_seconds = time.perf_counter() - start
+        counters.load_seconds += entry.last_load_seconds
         logger.info(
             "Loaded context %r on %s in %.2fs (%s host, %s device)",
             ctx.name,

@@ -211,8 +211,16 @@ class TransformersLoader:
         except AttributeError:
             raise ValueError(f"transformers has no model class {self.model_class!r}") from None
         dtype = self.torch_dtype if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
+        hf_logging = transformers.utils.logging
         with _TRANSFORMERS_LOAD_LOCK:
-            model = cls.from_pretrained(path, dtype=dtype, **dict(self.model_kwargs))
+            # A progress bar per load floods worker logs; restore the user's setting after.
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                model = cls.from_pretrained(path, dtype=dtype, **dict(self.model_kwargs))
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
             model.to(device)
             model.eval()
             model.requires_grad_(False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -123,6 +124,7 @@ class ContextWorkerPlugin(WorkerPlugin):
         self.verify = bool(dask.config.get("pervasive.transfer.verify"))
         self.cache: ContextCache | None = None
         self.worker: Worker | None = None
+        self._device_budgets: dict[str, int | None] = {}
 
     def setup(self, worker: Worker) -> None:
         self.worker = worker
@@ -138,7 +140,7 @@ class ContextWorkerPlugin(WorkerPlugin):
             address=worker.address,
             cache_dir=cache_dir,
             max_bytes=resolve_budget(self.max_bytes, memory_limit),
-            device_max_bytes=functools.lru_cache(maxsize=None)(self._device_budget),
+            device_max_bytes=self._device_budget,
             retry_failed_after=self.retry_failed_after,
             chunk_size=self.chunk_size,
             verify=self.verify,
@@ -150,10 +152,44 @@ class ContextWorkerPlugin(WorkerPlugin):
         for ctx in getattr(worker, _PENDING_ATTR, {}).values():
             self.cache.declare(ctx)
         worker.__dict__.pop(_PENDING_ATTR, None)
+        worker.handlers["pervasive_state"] = self._handle_state
+        worker.handlers["pervasive_prewarm"] = self._handle_prewarm
+        self._publish_budgets()
+
+    def _publish_budgets(self) -> None:
+        """Tell the scheduler plugin how much room this worker has for contexts."""
+        assert self.worker is not None and self.cache is not None
+        self.worker.log_event(
+            EVENT_TOPIC,
+            {"action": "worker-budget", "max_bytes": self.cache.max_bytes, "device_max_bytes": self._known_device_budget()},
+        )
+
+    def _known_device_budget(self) -> int | None:
+        # Only what is known without probing the GPU (probing imports torch).
+        known = [b for b in self._device_budgets.values() if b is not None]
+        return min(known) if known else None
+
+    def _handle_state(self) -> list[dict]:
+        """Snapshot of this worker's contexts (scheduler plugin start-up, dp.where)."""
+        return self.cache.snapshot() if self.cache is not None else []
+
+    async def _handle_prewarm(self, name: str) -> str:
+        """Load ``name`` in a thread (the scheduler plugin warms workers ahead of tasks)."""
+        assert self.cache is not None and self.worker is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, functools.partial(self.cache.acquire, name, None, count_hit=False))
+        except Exception as exc:  # noqa: BLE001 - the cache recorded and published the failure
+            logger.warning("pervasive: prewarm of %r on %s failed: %s", name, self.worker.address, exc)
+            return "failed"
+        return "resident"
 
     def _device_budget(self, device: str) -> int | None:
         # Probing the GPU imports torch: only done once a context lands on one.
-        return resolve_budget(self.device_max_bytes, device_total_memory(device))
+        if device not in self._device_budgets:
+            self._device_budgets[device] = resolve_budget(self.device_max_bytes, device_total_memory(device))
+            self._publish_budgets()
+        return self._device_budgets[device]
 
     def teardown(self, worker: Worker) -> None:
         if self.cache is not None:
@@ -163,7 +199,33 @@ class ContextWorkerPlugin(WorkerPlugin):
         # A task that leaves the executing state releases the contexts it held.
         running = ("executing", "long-running")
         if start in running and finish not in running and self.cache is not None:
+            spans = self.cache.load_spans.pop(key, None)
+            if spans:
+                self._exclude_load_time(key, spans)
             self.cache.release(key)
+
+    def _exclude_load_time(self, key: Any, spans: list[tuple[float, float]]) -> None:
+        """Take time spent in get_context loads out of the task's compute duration.
+
+        Otherwise the scheduler learns that the first task of a prefix took as
+        long as a model load, thinks all of them are slow and spreads them
+        over cold workers. The load shows up as its own ``pervasive-load``
+        action instead. This edits the ``startstops`` list that the pending
+        task-finished message holds: plugin transition hooks run after the
+        message is built and before it is sent.
+        """
+        assert self.worker is not None
+        ts = self.worker.state.tasks.get(key)
+        if ts is None:
+            return
+        for ss in reversed(ts.startstops):
+            if ss.get("action") == "compute":
+                inside = sum(
+                    max(0.0, min(stop, ss["stop"]) - max(start, ss["start"])) for start, stop in spans
+                )
+                ss["start"] = min(ss["stop"], ss["start"] + inside)
+                break
+        ts.startstops.extend({"action": "pervasive-load", "start": a, "stop": b} for a, b in spans)
 
     def _publish(self, entry: ContextEntry) -> None:
         """Tell the scheduler (and event subscribers) about a state change."""

@@ -186,8 +186,11 @@ async def test_state_events_reach_scheduler(c, s, a):
     await dp.install(c, [VALUE], scheduler=False)
     await c.submit(use_value, 1)
     await asyncio.sleep(0.2)
-    states = [m["state"] for _, m in s.get_events("pervasive")]
+    events = [m for _, m in s.get_events("pervasive")]
+    states = [m["state"] for m in events if m["action"] == "context-state"]
     assert states[-2:] == ["loading", "resident"]
+    budgets = [m for m in events if m["action"] == "worker-budget"]
+    assert budgets and budgets[0]["worker"] == a.address and budgets[0]["max_bytes"] > 0
 
 
 @gen_cluster(client=True)
