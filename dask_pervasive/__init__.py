@@ -12,6 +12,7 @@ from .errors import (
     TransferError,
     UnknownContextError,
 )
+from .scheduler import ContextSchedulerPlugin
 from .task import get_context, uses_context
 from .worker import ContextWorkerPlugin
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Context",
     "ContextLoadError",
+    "ContextSchedulerPlugin",
     "ContextStatsTable",
     "ContextTooLargeError",
     "ContextWorkerPlugin",

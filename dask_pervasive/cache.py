@@ -76,6 +76,7 @@ class ContextEntry:
     failed_at: float = 0.0
     released: Any = None  #: evicted object awaiting teardown outside the lock
     last_load_seconds: float = 0.0  #: fetch + load time of the latest load
+    last_fetch_seconds: float = 0.0  #: the fetch part of it
     counters: ContextCounters = field(default_factory=ContextCounters)
 
     @property
@@ -345,6 +346,7 @@ class ContextCache:
             result = fetch_source(ctx.source, ctx.storage_options, dest, self.chunk_size, self.verify)
             counters.bytes_from_origin += result.bytes_fetched
             counters.fetch_seconds += result.seconds
+            entry.last_fetch_seconds = result.seconds
             path = entry.files_path = result.path
             with self._lock:
                 entry.state = State.LOADING

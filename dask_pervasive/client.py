@@ -10,6 +10,7 @@ from .cache import State
 from .context import Context
 from .errors import ContextLoadError, PervasiveError, UnknownContextError
 from .worker import (
+    PLUGIN_NAME,
     ContextDeclaration,
     ContextWorkerPlugin,
     _check_contexts,
@@ -57,6 +58,11 @@ async def _prewarm_on_worker(name: str, dask_worker) -> str:
 
 def _worker_plugin_names(dask_scheduler) -> list[str]:
     return list(dask_scheduler.worker_plugins)
+
+
+def _warm_map_on_scheduler(dask_scheduler) -> dict | None:
+    plugin = dask_scheduler.plugins.get(PLUGIN_NAME)
+    return plugin.where() if plugin is not None and hasattr(plugin, "where") else None
 
 
 # -- registration ---------------------------------------------------------------
@@ -107,13 +113,13 @@ def register(client: Client, context: Context) -> bool:
 
 async def _install(client, contexts, max_bytes, device_max_bytes, cache_dir, scheduler) -> None:
     contexts = _check_contexts(contexts)
-    if scheduler:
-        plugin = _scheduler_plugin()
-        if plugin is not None:
-            await client.register_plugin(plugin)
     await client.register_plugin(
         ContextWorkerPlugin(max_bytes=max_bytes, device_max_bytes=device_max_bytes, cache_dir=cache_dir)
     )
+    if scheduler:
+        from .scheduler import ContextSchedulerPlugin
+
+        await client.register_plugin(ContextSchedulerPlugin())
     for ctx in contexts:
         await _register(client, ctx)
 
@@ -141,14 +147,6 @@ def install(
     return client.sync(_install, client, contexts, max_bytes, device_max_bytes, cache_dir, scheduler)
 
 
-def _scheduler_plugin():
-    try:
-        from .scheduler import ContextSchedulerPlugin
-    except ImportError:  # placement lands with the scheduler plugin
-        return None
-    return ContextSchedulerPlugin()
-
-
 # -- inspection -----------------------------------------------------------------
 async def _snapshots(client: Client, workers: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
@@ -164,6 +162,11 @@ async def _known_names(client: Client, rows: list[dict]) -> set[str]:
 
 
 async def _where(client: Client) -> dict[str, dict[str, list[str]]]:
+    warm_map = await client.run_on_scheduler(_warm_map_on_scheduler)
+    if warm_map is not None:  # the scheduler plugin's view, which placement uses
+        for name in await client.get_metadata(list(_METADATA), default={}) or {}:
+            warm_map.setdefault(name, {"resident": [], "files": [], "loading": [], "failed": [], "affinity": []})
+        return warm_map
     rows = await _snapshots(client)
     out: dict[str, dict[str, list[str]]] = {
         n: {"resident": [], "files": [], "loading": [], "failed": []} for n in await _known_names(client, rows)
@@ -188,6 +191,9 @@ def where(client: Client) -> dict[str, dict[str, list[str]]]:
     -------
     ``{context: {"resident": [...], "files": [...], "loading": [...], "failed": [...]}}``
     where ``files`` lists workers whose local cache holds the context files.
+    With the scheduler plugin installed this is its warm map (as placement
+    sees it, updated by worker events), with an extra ``"affinity"`` list:
+    the workers its pending tasks are currently steered to.
     """
     return client.sync(_where, client)
 

@@ -161,7 +161,11 @@ class ContextWorkerPlugin(WorkerPlugin):
         assert self.worker is not None and self.cache is not None
         self.worker.log_event(
             EVENT_TOPIC,
-            {"action": "worker-budget", "max_bytes": self.cache.max_bytes, "device_max_bytes": self._known_device_budget()},
+            {
+                "action": "worker-budget",
+                "max_bytes": self.cache.max_bytes,
+                "device_max_bytes": self._known_device_budget(),
+            },
         )
 
     def _known_device_budget(self) -> int | None:
@@ -220,9 +224,7 @@ class ContextWorkerPlugin(WorkerPlugin):
             return
         for ss in reversed(ts.startstops):
             if ss.get("action") == "compute":
-                inside = sum(
-                    max(0.0, min(stop, ss["stop"]) - max(start, ss["start"])) for start, stop in spans
-                )
+                inside = sum(max(0.0, min(stop, ss["stop"]) - max(start, ss["start"])) for start, stop in spans)
                 ss["start"] = min(ss["stop"], ss["start"] + inside)
                 break
         ts.startstops.extend({"action": "pervasive-load", "start": a, "stop": b} for a, b in spans)
@@ -242,6 +244,8 @@ class ContextWorkerPlugin(WorkerPlugin):
                 "device_bytes": entry.device_bytes,
                 "loads": entry.counters.loads,
                 "load_seconds": entry.counters.load_seconds,
+                "last_load_seconds": entry.last_load_seconds,
+                "last_fetch_seconds": entry.last_fetch_seconds,
             },
         )
 

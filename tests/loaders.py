@@ -52,3 +52,14 @@ def record_teardown(obj):
 
 def add_one_with(model, x):
     return model["value"] + x
+
+
+def load_sleep(path, device, seconds=0.5):
+    """A context whose load costs ``seconds``."""
+    time.sleep(seconds)
+    return {"value": 1, "pid": os.getpid()}
+
+
+def work(model, x, seconds=0.02):
+    time.sleep(seconds)
+    return model["value"] + x

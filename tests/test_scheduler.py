@@ -1,0 +1,256 @@
+"""Context-aware placement (ContextSchedulerPlugin) on in-process clusters."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import time
+
+import dask
+import dask.bag as db
+import pytest
+from distributed import Worker, wait
+from distributed.utils_test import gen_cluster, inc, slowinc
+from loaders import load_sleep
+
+import dask_pervasive as dp
+from dask_pervasive.scheduler import ContextSchedulerPlugin, finish_time
+
+SLOW = dp.Context("slow", load=functools.partial(load_sleep, seconds=0.5), device="cpu")
+
+
+@dp.uses_context("slow")
+def short_task(model, x, seconds=0.02):
+    time.sleep(seconds)
+    return model["value"] + x
+
+
+def annotated_task(x):
+    time.sleep(0.02)
+    return dp.get_context()["value"] + x
+
+
+def ran_on(s, futures) -> list[str]:
+    return [s.tasks[f.key].who_has and next(iter(s.tasks[f.key].who_has)).address for f in futures]
+
+
+async def add_plugin(s, plugin):
+    """Install ``plugin`` itself (not a pickled copy) so tests can inspect it."""
+    s.add_plugin(plugin)
+    await plugin.start(s)
+    return plugin
+
+
+async def loads(c, name=None):
+    return (await dp.stats(c)).total("loads", name)
+
+
+def test_finish_time_water_filling():
+    assert finish_time([], 10) == float("inf")
+    assert finish_time([(0, 1)], 10) == 10
+    assert finish_time([(0, 1), (0, 1)], 10) == 5
+    # a cold worker ready at 3s helps a 10s backlog: (10 + 3) / 2
+    assert finish_time([(0, 1), (3, 1)], 10) == 6.5
+    # ... but not a 2s one
+    assert finish_time([(0, 1), (3, 1)], 2) == 2
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4)
+async def test_few_tasks_wait_for_the_warm_worker(c, s, *workers):
+    await dp.install(c, [SLOW])
+    a = workers[0]
+    await dp.prewarm(c, "slow", workers=[a.address], progress=False)
+    # the duration of the task prefix is known (load time excluded)
+    await c.submit(short_task, -1, workers=[a.address])
+    futs = c.map(short_task, range(20))
+    assert await c.gather(futs) == [x + 1 for x in range(20)]
+    assert set(ran_on(s, futs)) == {a.address}
+    assert await loads(c) == 1
+    placements = [m for _, m in s.get_events("pervasive") if m.get("action") == "placement"]
+    assert placements and placements[-1]["members"] == [a.address]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4)
+async def test_without_plugin_tasks_spread_and_load_everywhere(c, s, *workers):
+    """The control for the test above: Dask alone loads on most workers."""
+    await dp.install(c, [SLOW], scheduler=False)
+    await dp.prewarm(c, "slow", workers=[workers[0].address], progress=False)
+    await c.gather(c.map(short_task, range(20)))
+    assert await loads(c) >= 3
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4)
+async def test_big_backlog_warms_more_workers(c, s, *workers):
+    plugin = ContextSchedulerPlugin(prewarm_backlog=2, interval="100ms")
+    await dp.install(c, [SLOW], scheduler=False)
+    await add_plugin(s, plugin)
+    futs = c.map(short_task, range(300))
+    assert await c.gather(futs) == [x + 1 for x in range(300)]
+    used = set(ran_on(s, futs))
+    assert len(used) >= 3
+    assert await loads(c) == len(used)
+    assert plugin.plans["slow"].load_seconds == pytest.approx(0.5, abs=0.3)
+    events = [m for _, m in s.get_events("pervasive") if m.get("action") == "placement"]
+    assert any(e["cold"] and "backlog" in e["reason"] for e in events)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4)
+async def test_load_time_excluded_from_duration(c, s, *workers):
+    await dp.install(c, [SLOW])
+    await c.submit(short_task, 1)
+    prefix = s.task_prefixes["short_task"]
+    assert 0 < prefix.duration_average < 0.2  # ~0.02s, not the 0.5s load
+    assert prefix.all_durations["pervasive-load"] >= 0.4
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, timeout=60)
+async def test_contexts_settle_under_memory_budget(c, s, *workers):
+    names = [f"m{i}" for i in range(4)]
+    ctxs = [dp.Context(n, load=functools.partial(load_sleep, seconds=0.2), device="cpu", nbytes="1MiB") for n in names]
+    await dp.install(c, ctxs, max_bytes="1.5MiB")
+    rng = random.Random(0)
+    order = [rng.choice(names) for _ in range(200)]
+
+    futs = []
+    for i, n in enumerate(order):
+        with dask.annotate(context=n):
+            futs.append(c.submit(lambda i, n=n: (dp.get_context(n), i)[1], i, key=f"t-{n}-{i}"))
+    assert await c.gather(futs) == list(range(200))
+    total = await loads(c)
+    assert total <= 8, await dp.stats(c)
+    where = await dp.where(c)
+    assert all(len(where[n]["resident"]) >= 1 for n in names)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, timeout=60)
+async def test_lost_warm_worker_tasks_go_to_survivors(c, s, a, b, w3):
+    plugin = ContextSchedulerPlugin(prewarm_backlog=1)
+    await dp.install(c, [SLOW], scheduler=False)
+    await add_plugin(s, plugin)
+    await dp.prewarm(c, "slow", workers=[a.address, b.address], progress=False)
+    plugin.plans["slow"].load_seconds = 100.0  # warming w3 is never worth it here
+    futs = c.map(short_task, range(60), seconds=0.05)
+    while sum(f.done() for f in futs) < 5:
+        await asyncio.sleep(0.01)
+    assert plugin.plans["slow"].members == {a.address, b.address}
+    done_before = {f.key for f in futs if f.done()}
+    await a.close()
+    assert await c.gather(futs) == [x + 1 for x in range(60)]
+    assert a.address not in plugin.plans["slow"].members
+    assert all(a.address not in states for states in plugin.warm.values())
+    assert a.address not in plugin.budgets
+    # everything (including results lost with a) now lives on the warm survivor
+    assert set(ran_on(s, futs)) == {b.address}
+    assert len(done_before) >= 5
+    assert await loads(c) == 1  # only b's prewarm is left to count; w3 never loaded
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], timeout=60)
+async def test_only_warm_worker_lost_tasks_move_to_newcomer(c, s, a):
+    await dp.install(c, [SLOW])
+    futs = c.map(short_task, range(30), seconds=0.05)
+    while sum(f.done() for f in futs) < 3:
+        await asyncio.sleep(0.01)
+    async with Worker(s.address, nthreads=1) as w:
+        await a.close()
+        assert await c.gather(futs) == [x + 1 for x in range(30)]
+        assert set(ran_on(s, futs)) == {w.address}  # lost results recomputed there too
+        assert (await dp.stats(c)).total("loads") == 1
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_decorated_tasks_restricted_without_annotation(c, s, a, b):
+    plugin = ContextSchedulerPlugin()
+    await dp.install(c, [SLOW], scheduler=False)
+    await add_plugin(s, plugin)
+    fut = c.submit(short_task, 1)
+    plain = c.submit(inc, 1)
+    await wait([fut, plain])
+    assert s.tasks[fut.key].worker_restrictions
+    assert not s.tasks[fut.key].loose_restrictions
+    assert not s.tasks[plain.key].worker_restrictions
+    # delayed and bag (the decorated function nested inside the task) too
+    d = dask.delayed(short_task)(2)
+    bag = db.from_sequence(range(6), npartitions=3).map(short_task)
+    persisted = c.persist([d, bag])
+    await wait(persisted)
+    assert await c.compute(persisted[1]) == list(range(1, 7))
+    assert len(plugin.plans["slow"].pending) == 0
+    assert set(plugin.task_context) <= set(s.tasks)  # only tasks the scheduler still knows
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_annotated_tasks_with_dependencies(c, s, a, b):
+    await dp.install(c, [SLOW])
+    xs = c.map(slowinc, range(10), delay=0.01)
+    with dask.annotate(context="slow"):
+        ys = c.map(annotated_task, xs)
+    assert await c.gather(ys) == [x + 2 for x in range(10)]
+    assert all(s.tasks[y.key].worker_restrictions for y in ys)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_user_restrictions_win(c, s, a, b):
+    await dp.install(c, [SLOW])
+    fut = c.submit(short_task, 1, workers=[b.address])
+    await fut
+    assert s.tasks[fut.key].worker_restrictions == {b.address}
+
+
+@gen_cluster(client=True, nthreads=[("", 2)] * 2)
+async def test_plain_tasks_are_untouched(c, s, a, b):
+    await dp.install(c, [SLOW])
+    futs = c.map(inc, range(200))
+    await wait(futs)
+    assert not any(s.tasks[f.key].worker_restrictions for f in futs)
+    assert dp.ContextSchedulerPlugin.name in s.plugins
+    assert not s.plugins["pervasive"].task_context
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_scheduler_plugin_after_warm_workers(c, s, a, b):
+    await dp.install(c, [SLOW], scheduler=False)
+    await dp.prewarm(c, "slow", workers=[b.address], progress=False)
+    plugin = ContextSchedulerPlugin()
+    await add_plugin(s, plugin)  # start() asks workers what they hold
+    assert plugin.warm["slow"][b.address].state == "resident"
+    where = await dp.where(c)
+    assert where["slow"]["resident"] == [b.address]
+    futs = c.map(short_task, range(5))
+    await wait(futs)
+    assert set(ran_on(s, futs)) == {b.address}
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_scheduler_plugin_without_worker_plugin(c, s, a, b):
+    await c.register_plugin(ContextSchedulerPlugin())
+    with pytest.raises(dp.PervasiveError, match="not installed"):
+        await c.submit(short_task, 1)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_failed_context_avoided(c, s, a, b):
+    from loaders import load_fails
+
+    broken = dp.Context("broken", load=load_fails, device="cpu")
+    await dp.install(c, [broken])
+    with dask.annotate(context="broken"):
+        fut = c.submit(annotated_task, 1)
+    with pytest.raises(dp.ContextLoadError):
+        await fut
+    where = await dp.where(c)
+    assert len(where["broken"]["failed"]) == 1
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_several_clients(c, s, a, b):
+    from distributed import Client
+
+    await dp.install(c, [SLOW])
+    async with Client(s.address, asynchronous=True) as c2:
+        await dp.install(c2, [SLOW])  # idempotent from another client
+        f1 = c.map(short_task, range(10))
+        f2 = c2.map(short_task, range(10, 20))
+        assert await c.gather(f1) + await c2.gather(f2) == [x + 1 for x in range(20)]
+    assert await loads(c) <= 2
