@@ -13,6 +13,7 @@ leave, contexts fail or get evicted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -64,16 +65,31 @@ class ContextPlan:
     size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
 
 
-def _find_context(run_spec: Any, depth: int = 0) -> str | None:
-    """Context of a ``uses_context`` function in a task spec (also nested, as in bag.map)."""
-    func = getattr(run_spec, "func", None)
-    name = context_of(func)
-    if name is not None or depth >= 2:
-        return name
-    for arg in getattr(run_spec, "args", ()) or ():
-        name = context_of(arg) if callable(arg) else _find_context(arg, depth + 1) if hasattr(arg, "func") else None
+def _find_context(run_spec: Any, budget: int = 64) -> str | None:
+    """Context of a ``uses_context`` function anywhere in a task spec.
+
+    The function may be nested: ``bag.map`` wraps it, fused graphs hold whole
+    subgraphs (``_execute_subgraph``), xarray passes it to a wrapper. The walk
+    visits at most ``budget`` objects so big literal arguments stay cheap.
+    """
+    stack = [run_spec]
+    while stack and budget > 0:
+        obj = stack.pop()
+        budget -= 1
+        name = context_of(obj)
         if name is not None:
             return name
+        func = getattr(obj, "func", None)  # Task, functools.partial
+        if func is not None:
+            stack.append(func)
+            stack.extend(itertools.islice(getattr(obj, "args", ()) or (), budget))
+            kwargs = getattr(obj, "kwargs", None)
+            if isinstance(kwargs, dict):
+                stack.extend(itertools.islice(kwargs.values(), budget))
+        elif isinstance(obj, dict):
+            stack.extend(itertools.islice(obj.values(), budget))
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(itertools.islice(obj, budget))
     return None
 
 

@@ -54,8 +54,9 @@ def get_context(name: str | None = None) -> Any:
     except ValueError:
         raise PervasiveError(
             "dask_pervasive.get_context() only works inside a task running on a Dask "
-            "worker. (xarray.map_blocks without template= calls the function once "
-            "on the client to infer its output: pass template=.)"
+            "worker. (dask.array.map_blocks without meta= and xarray.map_blocks without "
+            "template= call the function once on the client to infer its output: pass "
+            "meta= / template=.)"
         ) from None
     plugin = plugin_on(worker)
     if plugin is None:

@@ -38,3 +38,50 @@ def test_200_tasks_four_workers_at_most_four_loads(tiny_gpt2):
         reference = dict(client.gather(client.map(score, range(5), pure=False)))
         assert all(reference[i] == s for i, s in results[:5])
         assert stats.total("failures") == 0
+
+
+@dp.uses_context("slowload")
+def where_am_i(ctx, i):
+    import time
+
+    from distributed import get_worker
+
+    time.sleep(0.02)
+    return i, get_worker().address
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_killed_worker_process_tasks_complete_on_warm_survivors():
+    import functools
+    import time
+
+    from loaders import load_sleep
+
+    ctx = dp.Context("slowload", load=functools.partial(load_sleep, seconds=3.0), device="cpu")
+    with (
+        LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        dp.install(client, [ctx])
+        workers = sorted(client.scheduler_info()["workers"])
+        warm = dp.prewarm(client, "slowload", workers=workers[:2], progress=False)
+        assert warm == workers[:2]
+        futures = client.map(where_am_i, range(120))
+        while sum(f.done() for f in futures) < 20:
+            time.sleep(0.02)
+        victim = warm[0]
+        (nanny,) = [n for n in cluster.workers.values() if n.worker_address == victim]
+        nanny.process.process.kill()  # hard kill, as a preempted node would
+        results = client.gather(futures)
+        assert [i for i, _ in results] == list(range(120))
+        placed = client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins["pervasive"].plans["slowload"].members
+        )
+        assert victim not in placed
+        # The backlog left (~2 s of work) is shorter than a 3 s load, so neither the
+        # cold worker nor the nanny's replacement is worth warming: everything,
+        # including results lost with the victim and recomputed, is on the survivor.
+        who = {addr for addrs in client.who_has(futures).values() for addr in addrs}
+        assert who == {warm[1]}
+        assert dp.stats(client).total("loads") == 1
