@@ -54,6 +54,8 @@ def where_am_i(ctx, i):
 @pytest.mark.timeout(180)
 def test_killed_worker_process_tasks_complete_on_warm_survivors():
     import functools
+    import os
+    import signal
     import time
 
     from loaders import load_sleep
@@ -71,8 +73,8 @@ def test_killed_worker_process_tasks_complete_on_warm_survivors():
         while sum(f.done() for f in futures) < 20:
             time.sleep(0.02)
         victim = warm[0]
-        (nanny,) = [n for n in cluster.workers.values() if n.worker_address == victim]
-        nanny.process.process.kill()  # hard kill, as a preempted node would
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)  # as a preempted node would: no goodbye
         results = client.gather(futures)
         assert [i for i, _ in results] == list(range(120))
         placed = client.run_on_scheduler(
