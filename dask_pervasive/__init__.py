@@ -14,6 +14,7 @@ from .errors import (
 )
 from .scheduler import ContextSchedulerPlugin
 from .task import get_context, uses_context
+from .transfer import PeerFileSystem
 from .worker import ContextWorkerPlugin
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "ContextTooLargeError",
     "ContextWorkerPlugin",
     "LoadedModel",
+    "PeerFileSystem",
     "PervasiveError",
     "TransferError",
     "TransformersContext",

@@ -31,7 +31,7 @@ from .devices import (
     resolve_device,
 )
 from .errors import ContextLoadError, ContextTooLargeError, UnknownContextError
-from .files import fetch_source
+from .files import FetchResult, fetch_source
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ class ContextCache:
     on_change
         ``on_change(entry)`` after every state change (used to tell the
         scheduler); called without the lock held.
+    fetcher
+        ``fetcher(context, dest) -> FetchResult`` makes ``dest`` a complete
+        copy of the context's files (called from the loading thread). The
+        worker plugin passes one that copies from peers first
+        (:mod:`dask_pervasive.transfer`); the default reads the origin.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class ContextCache:
         chunk_size: int = 4 * 2**20,
         verify: bool = True,
         on_change: Callable[[ContextEntry], None] | None = None,
+        fetcher: Callable[[Context, str], FetchResult] | None = None,
     ) -> None:
         self.address = address
         self.cache_dir = cache_dir
@@ -126,6 +132,7 @@ class ContextCache:
         self.chunk_size = chunk_size
         self.verify = verify
         self.on_change = on_change
+        self.fetcher = fetcher or self._fetch_from_origin
         self.entries: dict[str, ContextEntry] = {}
         self._holders: dict[Any, list[str]] = {}  # task key -> contexts it holds
         #: task key -> wall-clock (start, stop) spans spent waiting for/doing loads,
@@ -155,6 +162,13 @@ class ContextCache:
             return self.entries[name]
         except KeyError:
             raise UnknownContextError(name, self.entries, self.address) from None
+
+    def files_dir(self, context: Context) -> str:
+        """Where the files of ``context`` are (or will be) copied on this worker."""
+        return os.path.join(self.cache_dir, context.name, context.token)
+
+    def _fetch_from_origin(self, context: Context, dest: str) -> FetchResult:
+        return fetch_source(context.source, context.storage_options, dest, self.chunk_size, self.verify)
 
     # -- budgets ------------------------------------------------------------
     def device_budget(self, device: str) -> int | None:
@@ -342,9 +356,9 @@ class ContextCache:
             self._teardown(victims)
         path = None
         if ctx.source is not None:
-            dest = os.path.join(self.cache_dir, ctx.name, ctx.token)
-            result = fetch_source(ctx.source, ctx.storage_options, dest, self.chunk_size, self.verify)
-            counters.bytes_from_origin += result.bytes_fetched
+            result = self.fetcher(ctx, self.files_dir(ctx))
+            counters.bytes_from_origin += result.sources.get("origin", 0)
+            counters.bytes_from_peers += result.sources.get("peers", 0)
             counters.fetch_seconds += result.seconds
             entry.last_fetch_seconds = result.seconds
             path = entry.files_path = result.path

@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 
@@ -37,17 +38,18 @@ class FetchResult:
     bytes_fetched: int = 0  #: bytes copied from the source (0 when files were cached)
     seconds: float = 0.0
     cached: bool = False
+    #: bytes copied per kind of source: ``{"origin": n, "peers": m}``
     sources: dict = field(default_factory=dict)
 
 
-def _safe_relpath(rel: str) -> str:
+def safe_relpath(rel: str) -> str:
     rel = posixpath.normpath(rel.replace("\\", "/")).lstrip("/")
     if rel in ("", ".") or rel.startswith("../") or rel == ".." or "/../" in rel:
         raise ValueError(f"refusing unsafe relative path {rel!r}")
     return rel
 
 
-def _sha256_file(path: str, chunk_size: int) -> str:
+def sha256_file(path: str, chunk_size: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
@@ -88,6 +90,19 @@ def copy_stream(src, dest: str, chunk_size: int) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
+def open_for_copy(fs: fsspec.AbstractFileSystem, path: str, chunk_size: int):
+    """Open ``path`` to be read once, front to back, in ``chunk_size`` pieces.
+
+    Without read-ahead caching: fsspec's default (``readahead``, 5 MiB blocks)
+    re-requests overlapping ranges when reads are not block-aligned, which
+    reads about one block per file twice from remote stores.
+    """
+    try:
+        return fs.open(path, "rb", block_size=chunk_size, cache_type="none")
+    except TypeError:  # a filesystem whose open() takes no caching options
+        return fs.open(path, "rb")
+
+
 def read_manifest(dest: str) -> dict | None:
     """The manifest of a complete copy in ``dest``, or ``None``."""
     try:
@@ -106,7 +121,7 @@ def verify_files(dest: str, manifest: dict, check_hash: bool, chunk_size: int) -
                 return False
         except OSError:
             return False
-        if check_hash and _sha256_file(p, chunk_size) != meta["sha256"]:
+        if check_hash and sha256_file(p, chunk_size) != meta["sha256"]:
             return False
     return True
 
@@ -119,23 +134,64 @@ def local_path(dest: str, manifest: dict) -> str:
     return dest
 
 
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
 def list_source(source: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str, dict[str, str], bool]:
     """Resolve ``source`` to ``(fs, root, {relpath: remote path}, is_file)``."""
     fs, root = url_to_fs(source, **storage_options)
-    # fs.info, not fs.isdir: for http, isdir GETs the whole body
+    # fs.info, not fs.isdir: for http, isdir GETs the whole body. http's info
+    # says "file" for everything (a directory is an HTML index page): there a
+    # trailing slash marks a directory, listed from the links of its index.
     info = fs.info(root)
-    if info["type"] == "directory":
+    web = any(p in ("http", "https") for p in _protocols(fs))
+    if info["type"] == "directory" or source.endswith("/"):
         found = fs.find(root, detail=False)
         base = root.rstrip("/")
         files = {}
         for p in sorted(found):
             rel = p[len(base) :].lstrip("/") if p.startswith(base) else posixpath.basename(p)
-            files[_safe_relpath(rel)] = p
+            if web:
+                rel = urllib.parse.unquote(rel.split("?")[0])
+            files[safe_relpath(rel)] = p
         if not files:
             raise FileNotFoundError(f"source {source!r} is an empty directory")
         return fs, root, files, False
     name = posixpath.basename(root.rstrip("/")) or "data"
-    return fs, root, {_safe_relpath(name.split("?")[0] or "data"): root}, True
+    return fs, root, {safe_relpath(name.split("?")[0] or "data"): root}, True
+
+
+def cached_copy(source: str | None, dest: str, chunk_size: int, verify: bool = True) -> FetchResult | None:
+    """A complete earlier copy in ``dest``, or ``None``.
+
+    Complete means: manifest present and every listed file there with the
+    right size (and with ``verify``, the right sha256). A copy that fails
+    the check loses its manifest, so it is neither loaded nor served to
+    peers until it has been fetched again.
+    """
+    start = time.perf_counter()
+    manifest = read_manifest(dest)
+    if manifest is None:
+        return None
+    if verify_files(dest, manifest, verify, chunk_size):
+        return FetchResult(local_path(dest, manifest), manifest, 0, time.perf_counter() - start, cached=True)
+    logger.warning("Cached copy of %s in %s failed verification; fetching again", source, dest)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(dest, MANIFEST))
+    return None
+
+
+def write_manifest(dest: str, manifest: dict) -> None:
+    """Mark the copy in ``dest`` complete (written last, atomically)."""
+    atomic_write_bytes(os.path.join(dest, MANIFEST), json.dumps(manifest, indent=1).encode())
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of what a manifest promises (files, sizes, hashes, file-or-directory)."""
+    body = {"is_file": bool(manifest.get("is_file")), "files": manifest["files"]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def fetch_source(
@@ -151,25 +207,24 @@ def fetch_source(
     hashes — matching) is reused without reading the source.
     """
     start = time.perf_counter()
-    manifest = read_manifest(dest)
-    if manifest is not None:
-        if verify_files(dest, manifest, verify, chunk_size):
-            return FetchResult(local_path(dest, manifest), manifest, 0, time.perf_counter() - start, cached=True)
-        logger.warning("Cached copy of %s in %s failed verification; fetching again", source, dest)
-        os.unlink(os.path.join(dest, MANIFEST))
+    cached = cached_copy(source, dest, chunk_size, verify)
+    if cached is not None:
+        return cached
 
     fs, _, files, is_file = list_source(source, storage_options)
     os.makedirs(dest, exist_ok=True)
     entries = {}
     total = 0
     for rel, remote in files.items():
-        with fs.open(remote, "rb") as src:
+        with open_for_copy(fs, remote, chunk_size) as src:
             n, digest = copy_stream(src, os.path.join(dest, *rel.split("/")), chunk_size)
         entries[rel] = {"size": n, "sha256": digest}
         total += n
     manifest = {"source": source, "is_file": is_file, "files": entries}
-    atomic_write_bytes(os.path.join(dest, MANIFEST), json.dumps(manifest, indent=1).encode())
-    return FetchResult(local_path(dest, manifest), manifest, total, time.perf_counter() - start)
+    write_manifest(dest, manifest)
+    return FetchResult(
+        local_path(dest, manifest), manifest, total, time.perf_counter() - start, sources={"origin": total}
+    )
 
 
 def remove_stale_parts(root: str, older_than: float = 3600.0) -> int:

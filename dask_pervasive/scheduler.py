@@ -27,6 +27,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from .task import context_of
+from .transfer import SourceCoordinator
 from .worker import EVENT_TOPIC, PLUGIN_NAME
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class WorkerContext:
     device_bytes: int = 0
     loads: int = 0
     failed_at: float | None = None
+    loading_since: float = 0.0  #: monotonic time the current fetch/load started
 
 
 @dataclass
@@ -63,6 +65,8 @@ class ContextPlan:
     load_seconds: float | None = None  #: EWMA of fetch + load
     fetch_seconds: float | None = None  #: EWMA of the fetch part
     size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
+    warm_placements: int = 0  #: workers added to the set that already held the context
+    cold_placements: int = 0  #: workers added that had to load it
 
 
 def _find_context(run_spec: Any, budget: int = 64) -> str | None:
@@ -166,21 +170,35 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         self._background: set[asyncio.Task] = set()
         self._warned_no_worker_plugin = False
         self._stale: set[str] = set()  # contexts with tasks whose restrictions need re-applying
+        self.transfer: SourceCoordinator | None = None  # who copies context files from whom
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
+        self.transfer = SourceCoordinator(scheduler, self.warm)
+        self.transfer.start()
         # Workers may hold contexts already (plugin registered after the worker plugin).
         if PLUGIN_NAME in scheduler.worker_plugins:
             replies = await scheduler.broadcast(msg={"op": "pervasive_state"}, on_error="return")
-            for addr, rows in replies.items():
-                if isinstance(rows, (list, tuple)):  # msgpack turns lists into tuples
-                    for row in rows:
+            for addr, reply in replies.items():
+                if isinstance(reply, dict) and addr in scheduler.workers:
+                    self.budgets[addr] = (reply.get("max_bytes"), reply.get("device_max_bytes"))
+                    for row in reply.get("contexts", ()):
                         self._ingest_state(addr, row)
+        from .dashboard import add_dashboard_page
+        from .metrics import register_metrics
+
+        register_metrics(scheduler, self)
+        add_dashboard_page(scheduler, self)
         self._callback = PeriodicCallback(self._tick, self.interval * 1000)
         self._callback.start()
 
     async def close(self) -> None:
+        from .metrics import unregister_metrics
+
+        unregister_metrics(self)
+        if self.transfer is not None:
+            self.transfer.close()
         if self._callback is not None:
             self._callback.stop()
         for t in list(self._background):
@@ -204,6 +222,8 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         plan = self._plan_for(name)
         wc = self.warm[name].setdefault(worker, WorkerContext())
         previous_loads = wc.loads
+        if msg["state"] in ("fetching", "loading") and wc.state not in ("fetching", "loading"):
+            wc.loading_since = time.monotonic()
         wc.state = msg["state"]
         wc.files = bool(msg.get("files"))
         wc.loads = msg.get("loads", wc.loads)
@@ -278,6 +298,8 @@ class ContextSchedulerPlugin(SchedulerPlugin):
             self.replan(f"pervasive-add-worker-{time.time()}", new_tasks=True)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
+        if self.transfer is not None:
+            self.transfer.remove_worker(worker)  # frees its upload / origin slots
         self.budgets.pop(worker, None)
         for states in self.warm.values():
             states.pop(worker, None)
@@ -294,7 +316,9 @@ class ContextSchedulerPlugin(SchedulerPlugin):
             self.replan(f"pervasive-tick-{time.time()}", new_tasks=bool(self._stale))
 
     def _check_worker_plugin(self, scheduler: Scheduler) -> None:
-        if PLUGIN_NAME not in scheduler.worker_plugins and not self._warned_no_worker_plugin:
+        # Workers set up by --preload have the plugin without it being in worker_plugins:
+        # their budget events tell us they are there.
+        if PLUGIN_NAME not in scheduler.worker_plugins and not self.budgets and not self._warned_no_worker_plugin:
             self._warned_no_worker_plugin = True
             logger.warning(
                 "pervasive: context tasks were submitted but ContextWorkerPlugin is not "
@@ -311,7 +335,7 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         if wc.state == "resident":
             return 0.0
         if wc.state in ("fetching", "loading"):
-            return load / 2
+            return max(0.0, load - (time.monotonic() - wc.loading_since))
         if wc.files:
             return max(0.0, load - (plan.fetch_seconds or 0.0))
         return load
@@ -471,6 +495,10 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         plan.members.add(addr)
         wc = self.warm[plan.name].get(addr)
         cold = wc is None or wc.state not in ("resident", "loading", "fetching")
+        if cold:
+            plan.cold_placements += 1
+        else:
+            plan.warm_placements += 1
         self.scheduler.log_event(
             EVENT_TOPIC,
             {

@@ -17,6 +17,8 @@ from .cache import ContextCache, ContextEntry
 from .context import Context
 from .devices import device_total_memory
 from .files import remove_stale_parts
+from .metrics import HEARTBEAT_KEY, worker_heartbeat_metrics
+from .transfer import ContextServer, peer_fetcher
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -122,6 +124,8 @@ class ContextWorkerPlugin(WorkerPlugin):
         self.retry_failed_after = parse_timedelta(dask.config.get("pervasive.worker.retry-failed-after"))
         self.chunk_size = parse_bytes(dask.config.get("pervasive.transfer.chunk-size"))
         self.verify = bool(dask.config.get("pervasive.transfer.verify"))
+        self.peer_transfer = bool(dask.config.get("pervasive.transfer.peers"))
+        self.stall_timeout = parse_timedelta(dask.config.get("pervasive.transfer.stall-timeout"))
         self.cache: ContextCache | None = None
         self.worker: Worker | None = None
         self._device_budgets: dict[str, int | None] = {}
@@ -146,12 +150,24 @@ class ContextWorkerPlugin(WorkerPlugin):
             verify=self.verify,
             on_change=self._publish,
         )
+        # Context files: from peers first (coordinated by the scheduler plugin), else the origin;
+        # served to peers, also while this worker is still copying them.
+        server = ContextServer(worker, self.cache, self.chunk_size)
+        server.install()
+        self.cache.fetcher = peer_fetcher(
+            worker, self.chunk_size, self.verify, self.stall_timeout, self.peer_transfer, server
+        )
         for ctx in self.contexts:
             self.cache.declare(ctx)
         # Contexts registered (dp.register) before this plugin reached the worker.
         for ctx in getattr(worker, _PENDING_ATTR, {}).values():
             self.cache.declare(ctx)
         worker.__dict__.pop(_PENDING_ATTR, None)
+        # Declarations survive a replacement of this plugin (e.g. dp.install after a --preload).
+        for other in list(worker.plugins.values()):
+            if isinstance(other, ContextDeclaration):
+                self.cache.declare(other.context)
+        worker.metrics[HEARTBEAT_KEY] = worker_heartbeat_metrics
         worker.handlers["pervasive_state"] = self._handle_state
         worker.handlers["pervasive_prewarm"] = self._handle_prewarm
         self._publish_budgets()
@@ -173,9 +189,24 @@ class ContextWorkerPlugin(WorkerPlugin):
         known = [b for b in self._device_budgets.values() if b is not None]
         return min(known) if known else None
 
-    def _handle_state(self) -> list[dict]:
-        """Snapshot of this worker's contexts (scheduler plugin start-up, dp.where)."""
-        return self.cache.snapshot() if self.cache is not None else []
+    def _handle_state(self) -> dict:
+        """Budgets and context snapshot, for a scheduler plugin that starts after us.
+
+        Events sent before the scheduler plugin existed were not seen by it, so
+        it asks for everything it needs for placement here.
+        """
+        return {
+            "max_bytes": self.cache.max_bytes if self.cache is not None else None,
+            "device_max_bytes": self._known_device_budget(),
+            "contexts": self.cache.snapshot() if self.cache is not None else [],
+        }
+
+    def announce(self) -> None:
+        """Publish budgets and every context's state again (e.g. after registration)."""
+        self._publish_budgets()
+        if self.cache is not None:
+            for entry in list(self.cache.entries.values()):
+                self._publish(entry)
 
     async def _handle_prewarm(self, name: str) -> str:
         """Load ``name`` in a thread (the scheduler plugin warms workers ahead of tasks)."""
@@ -196,6 +227,7 @@ class ContextWorkerPlugin(WorkerPlugin):
         return self._device_budgets[device]
 
     def teardown(self, worker: Worker) -> None:
+        worker.metrics.pop(HEARTBEAT_KEY, None)
         if self.cache is not None:
             self.cache.close()
 

@@ -39,3 +39,24 @@ def has_cuda() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+@pytest.fixture
+def http_origin(tmp_path):
+    """A bandwidth-capped (20 MB/s) HTTP origin on 127.0.0.1 serving ``tmp_path / "origin"``.
+
+    Read through fsspec's ``http`` filesystem: ``origin.url("model/")`` is a
+    directory source (listed from its HTML index), ``origin.bytes_served``
+    counts file bytes sent.
+    """
+    import fsspec.asyn
+
+    from dask_pervasive.bench.http_origin import HTTPOrigin
+
+    # fsspec's IO thread (used by the http filesystem) lives for the whole
+    # process: start it now, or gen_cluster's thread-leak check blames the test.
+    fsspec.asyn.get_loop()
+    root = tmp_path / "origin"
+    root.mkdir()
+    with HTTPOrigin(root, bandwidth=20e6) as origin:
+        yield origin

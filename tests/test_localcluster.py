@@ -32,7 +32,9 @@ def test_200_tasks_four_workers_at_most_four_loads(tiny_gpt2):
         results = client.gather(client.map(score, range(200)))
         stats = dp.stats(client)
         assert 1 <= stats.total("loads", "gpt") <= 4
-        assert stats.total("loads") + stats.total("hits") == 200
+        # every task hit or loaded; loads the scheduler started ahead of tasks (prewarm) add to that
+        assert 200 <= stats.total("loads") + stats.total("hits") <= 200 + stats.total("loads")
+        assert stats.total("hits") >= 196
         assert [i for i, _ in results] == list(range(200))
         # same model everywhere: a task's result does not depend on the worker
         reference = dict(client.gather(client.map(score, range(5), pure=False)))

@@ -1,0 +1,1 @@
+"""Benchmarks of dask_pervasive (not tests)."""

@@ -1,0 +1,668 @@
+"""Placement benchmark: the scheduler plugin on vs off, side by side, in one run.
+
+Run ``python -m dask_pervasive.bench.placement`` (see ``--help``). Each
+scenario runs twice, with :class:`~dask_pervasive.ContextSchedulerPlugin`
+installed (``dp.install(..., scheduler=True)``, "on") and with only the worker
+plugin (``scheduler=False``, "off"), each variant on a fresh
+``LocalCluster(n_workers=4, threads_per_worker=1, processes=True)``:
+
+``few``
+    Context prewarmed on one worker, then 20 tasks of 50 ms. Loads (the
+    prewarm included) and makespan.
+``backlog``
+    Same set-up, 400 tasks of 50 ms: makespan against the single-warm-worker
+    time (400 x 50 ms) and the number of workers that loaded.
+``multi``
+    Four 1 MiB contexts, a budget with room for one per worker, 400 tasks of
+    20 ms in a seeded random context order, submitted one by one under
+    ``dask.annotate(context=...)``. Loads.
+``preempt``
+    Context prewarmed on two workers, 200 tasks of 50 ms; once a quarter of
+    them are done, one warm worker's process gets SIGKILL (the nanny then
+    starts a cold replacement, as a preempted node would be replaced).
+    Checks every result, that none lives on the dead worker, where the tasks
+    that started after the kill ran, and how many loads started after it.
+``plain``
+    10,000 no-op tasks without a context (context declared, plugin on vs
+    off), three interleaved repetitions each: median throughput ratio.
+
+Method notes
+------------
+* Loads are ``time.sleep(load_seconds)``: this benchmark measures
+  scheduling, not model loading, so a sleep gives a controlled, exactly known
+  load cost that does not compete for this machine's few cores. Tasks sleep
+  too, for the same reason.
+* In ``few`` and ``backlog``, one task of the same function runs on the warm
+  worker before timing (``client.submit(f, -1, workers=[warm])``), so that
+  Dask knows the task duration when the timed tasks arrive, as it would in
+  any longer-running workload. The plugin ignores tasks with user
+  restrictions, so this task is placed identically on and off.
+* Makespan is wall time from the first submit to the last result in memory.
+* A task "waited for a load" when ``get_context`` found its context not yet
+  resident (read from the worker's cache inside the task).
+* The worker is killed with ``os.kill(pid, SIGKILL)`` on the nanny's worker
+  process: abrupt like a preemption, and safe to call from this thread
+  (``Nanny.kill`` and ``AsyncProcess.kill`` belong to the cluster's event loop).
+* ``plain`` keeps one cluster per variant up for its three repetitions
+  (alternating which goes first) and submits with ``pure=False``, so each
+  repetition computes fresh keys. On a small, shared machine wall-clock
+  throughput varies a lot between repetitions, so it also reports the time
+  spent inside the scheduler plugin's hooks (measured by wrapping them on the
+  scheduler): the plugin's own cost, free of that noise.
+* Task and load functions live at module level here, and ``__main__`` runs
+  the imported module's :func:`main`, so worker processes unpickle them by
+  reference to ``dask_pervasive.bench.placement``.
+
+Results go to a ``rich`` table on stdout and, with every raw number,
+versions and machine facts, to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from typing import Any
+
+import dask
+import distributed
+from distributed import Client, Future, LocalCluster, get_worker, wait
+
+import dask_pervasive as dp
+from dask_pervasive.worker import EVENT_TOPIC, PLUGIN_NAME, plugin_on
+
+N_WORKERS = 4
+MODEL = "model"  #: the context of few, backlog, preempt and plain
+TASK_SECONDS = 0.05
+MULTI_TASK_SECONDS = 0.02
+MULTI_CONTEXTS = ("m0", "m1", "m2", "m3")
+FEW_TASKS = 20
+BACKLOG_TASKS = 400
+MULTI_TASKS = 400
+PREEMPT_TASKS = 200
+PREEMPT_KILL_FRACTION = 0.25
+PLAIN_TASKS = 10_000
+PLAIN_REPETITIONS = 3
+SCENARIOS = ("few", "backlog", "multi", "preempt", "plain")
+
+
+# -- functions that run on workers (module level: unpickled by reference) ----------
+def sleep_load(path: str | None, device: str, *, seconds: float, tag: str) -> dict[str, str]:
+    """Context loader standing in for a model load of known cost."""
+    time.sleep(seconds)
+    return {"tag": tag, "device": device}
+
+
+def _record(value: Any, started: float) -> dict[str, Any]:
+    """What a benchmark task returns: its value, where and when it ran, whether it waited for a load."""
+    worker = get_worker()
+    key = worker.active_threads.get(threading.get_ident())
+    plugin = plugin_on(worker)
+    # get_context records a span for the running task only when it loaded or waited for a load.
+    waited = bool(plugin is not None and plugin.cache.load_spans.get(key))
+    return {"value": value, "worker": worker.address, "start": started, "waited": waited}
+
+
+@dp.uses_context(MODEL)
+def model_task(model: dict[str, str], i: int) -> dict[str, Any]:
+    """50 ms of work that needs the ``model`` context."""
+    started = time.time()
+    time.sleep(TASK_SECONDS)
+    return _record((i, model["tag"]), started)
+
+
+def multi_task(i: int) -> dict[str, Any]:
+    """20 ms of work that needs the context named by its annotation."""
+    ctx = dp.get_context()
+    started = time.time()  # after the context is ready, as in uses_context tasks
+    time.sleep(MULTI_TASK_SECONDS)
+    return _record((i, ctx["tag"]), started)
+
+
+def inc(x: int) -> int:
+    """A no-op task."""
+    return x + 1
+
+
+# -- cluster and measurement helpers -------------------------------------------------
+@contextmanager
+def fresh_cluster() -> Iterator[tuple[LocalCluster, Client]]:
+    """A new 4-worker, 1-thread-each process cluster and its client."""
+    with (
+        LocalCluster(
+            n_workers=N_WORKERS,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,  # the preempt kill makes nannies and comms log warnings
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(N_WORKERS)
+        yield cluster, client
+
+
+def model_context(load_seconds: float) -> dp.Context:
+    """The ``model`` context: ``load_seconds`` to load, 1 MiB declared."""
+    return dp.Context(MODEL, load=partial(sleep_load, seconds=load_seconds, tag=MODEL), device="cpu", nbytes="1MiB")
+
+
+def worker_addresses(client: Client) -> list[str]:
+    """Addresses of the running workers, sorted."""
+    return sorted(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def timed(submit: Callable[[], list[Future]]) -> tuple[list[Future], float]:
+    """Submit tasks and wait for all of them: ``(futures, seconds)``."""
+    t0 = time.perf_counter()
+    futures = submit()
+    wait(futures)
+    return futures, time.perf_counter() - t0
+
+
+def placement_events(client: Client, since: float) -> list[dict[str, Any]]:
+    """The scheduler plugin's ``placement`` decisions logged after wall time ``since``."""
+    return [
+        {"t": round(t - since, 3), **msg}
+        for t, msg in client.get_events(EVENT_TOPIC)
+        if isinstance(msg, dict) and msg.get("action") == "placement" and t >= since
+    ]
+
+
+def loads_started(client: Client, since: float, after: float) -> list[dict[str, Any]]:
+    """Context loads that started (state became fetching/loading) after wall time ``after``, timed from ``since``."""
+    return [
+        {"t": round(t - since, 3), "worker": msg.get("worker"), "context": msg["context"]}
+        for t, msg in client.get_events(EVENT_TOPIC)
+        if isinstance(msg, dict)
+        and msg.get("action") == "context-state"
+        and msg.get("state") in ("fetching", "loading")
+        and t >= after
+    ]
+
+
+def workers_joined(client: Client, since: float, after: float) -> list[dict[str, Any]]:
+    """Workers that joined after wall time ``after``, timed from ``since``."""
+    return [
+        {"t": round(t - since, 3), "worker": msg["worker"]}
+        for t, msg in client.get_events("all")
+        if isinstance(msg, dict) and msg.get("action") == "add-worker" and t >= after
+    ]
+
+
+def summarize(client: Client, records: list[dict[str, Any]], makespan: float, since: float) -> dict[str, Any]:
+    """Numbers common to every context scenario."""
+    rows = dp.stats(client)
+    return {
+        "makespan_s": round(makespan, 3),
+        "loads": int(rows.total("loads")),
+        "workers_loaded": len({r["worker"] for r in rows if r["loads"] > 0}),
+        "evictions": int(rows.total("evictions")),
+        "tasks_waited_for_load": sum(r["waited"] for r in records),
+        "tasks_per_worker": dict(Counter(r["worker"] for r in records)),
+        "stats": [{k: r[k] for k in ("worker", "context", "state", "loads", "hits", "evictions")} for r in rows],
+        "placements": placement_events(client, since),
+    }
+
+
+def task_rows(records: list[dict[str, Any]], since: float) -> list[list[Any]]:
+    """Compact per-task raw data: ``[index, worker, start offset (s), waited for a load]``."""
+    return [[r["value"][0], r["worker"], round(r["start"] - since, 3), r["waited"]] for r in records]
+
+
+# -- scenarios -------------------------------------------------------------------------
+def run_single_warm(plugin: bool, n_tasks: int, load_seconds: float) -> dict[str, Any]:
+    """``few`` and ``backlog``: one warm worker, ``n_tasks`` tasks of 50 ms."""
+    with fresh_cluster() as (_, client):
+        dp.install(client, [model_context(load_seconds)], scheduler=plugin)
+        warm = worker_addresses(client)[0]
+        dp.prewarm(client, MODEL, workers=[warm], progress=False)
+        client.submit(model_task, -1, workers=[warm]).result()  # Dask learns the task duration
+        since = time.time()
+        futures, makespan = timed(lambda: client.map(model_task, range(n_tasks)))
+        records = client.gather(futures)
+        out = summarize(client, records, makespan, since)
+        out["warm_worker"] = warm
+        out["correct"] = sum(r["value"] == (i, MODEL) for i, r in enumerate(records))
+        out["tasks"] = task_rows(records, since)
+        return out
+
+
+def run_multi(plugin: bool, n_tasks: int, load_seconds: float, seed: int) -> dict[str, Any]:
+    """``multi``: four contexts, room for one per worker, random order."""
+    contexts = [
+        dp.Context(name, load=partial(sleep_load, seconds=load_seconds, tag=name), device="cpu", nbytes="1MiB")
+        for name in MULTI_CONTEXTS
+    ]
+    order = [MULTI_CONTEXTS[i % len(MULTI_CONTEXTS)] for i in range(n_tasks)]
+    random.Random(seed).shuffle(order)
+
+    with fresh_cluster() as (_, client):
+        dp.install(client, contexts, max_bytes="1.5MiB", scheduler=plugin)
+        since = time.time()
+        futures, makespan = timed(partial(submit_annotated, client, order))
+        records = client.gather(futures)
+        out = summarize(client, records, makespan, since)
+        out["correct"] = sum(r["value"] == (i, name) for i, (r, name) in enumerate(zip(records, order)))
+        out["tasks"] = task_rows(records, since)
+        return out
+
+
+def submit_annotated(client: Client, order: list[str]) -> list[Future]:
+    """Submit ``multi_task(i)`` one by one, each annotated with its context ``order[i]``."""
+    futures = []
+    for i, name in enumerate(order):
+        with dask.annotate(context=name):
+            futures.append(client.submit(multi_task, i))
+    return futures
+
+
+def kill_worker(cluster: LocalCluster, address: str) -> None:
+    """SIGKILL the process of worker ``address`` (its nanny then starts a replacement)."""
+    nanny = next(n for n in cluster.workers.values() if n.worker_address == address)
+    os.kill(nanny.pid, signal.SIGKILL)
+
+
+def wait_done(futures: list[Future], n: int) -> None:
+    """Block until at least ``n`` of ``futures`` finished."""
+    while sum(f.status == "finished" for f in futures) < n:
+        time.sleep(0.005)
+
+
+def worker_state_at(client: Client) -> dict[str, str]:
+    """``{worker: state of the model context}``, from the workers' caches."""
+    return {r["worker"]: r["state"] for r in dp.stats(client) if r["context"] == MODEL}
+
+
+def run_preempt(plugin: bool, n_tasks: int, load_seconds: float, kill_fraction: float) -> dict[str, Any]:
+    """``preempt``: two warm workers, kill one after ``kill_fraction`` of the tasks."""
+    with fresh_cluster() as (cluster, client):
+        dp.install(client, [model_context(load_seconds)], scheduler=plugin)
+        warm = worker_addresses(client)[:2]
+        dp.prewarm(client, MODEL, workers=warm, progress=False)
+        client.submit(model_task, -1, workers=[warm[0]]).result()  # Dask learns the task duration
+        since = time.time()
+        t0 = time.perf_counter()
+        futures = client.map(model_task, range(n_tasks))
+        wait_done(futures, int(n_tasks * kill_fraction))
+        states = worker_state_at(client)
+        victim = warm[0]
+        killed_at = time.time()
+        kill_worker(cluster, victim)
+        wait(futures)
+        makespan = time.perf_counter() - t0
+        records = client.gather(futures)
+        held = sum(victim in holders for holders in client.who_has(futures).values())
+        out = summarize(client, records, makespan, since)
+        after = [r for r in records if r["start"] >= killed_at]
+        out.update(
+            victim=victim,
+            kill_at_s=round(killed_at - since, 3),
+            state_at_kill=states,
+            workers_after=worker_addresses(client),
+            correct=sum(r["value"] == (i, MODEL) for i, r in enumerate(records)),
+            # Held there per who_has, or computed there (then lost, so recomputation failed).
+            results_on_dead_worker=held + sum(r["worker"] == victim for r in records),
+            post_kill_tasks=len(after),
+            post_kill_by_state=dict(Counter(states.get(r["worker"], "replacement") for r in after)),
+            post_kill_per_worker=dict(Counter(r["worker"] for r in after)),
+            post_kill_waited=sum(r["waited"] for r in after),
+            loads_after_kill=loads_started(client, since, killed_at),
+            joined_after_kill=workers_joined(client, since, killed_at),
+            tasks=task_rows(records, since),
+        )
+        return out
+
+
+#: Scheduler plugin methods timed in ``plain`` (``replan`` also runs from the periodic tick).
+_TIMED_HOOKS = ("update_graph", "transition", "replan", "add_worker", "remove_worker", "log_event")
+
+
+def time_plugin_hooks(dask_scheduler: Any) -> None:
+    """Wrap the scheduler plugin's hooks to accumulate the wall time spent in them (outermost calls)."""
+    plugin = dask_scheduler.plugins[PLUGIN_NAME]
+    clock = plugin.bench_clock = {"seconds": 0.0, "depth": 0}
+
+    def timed_hook(hook: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            clock["depth"] += 1
+            t0 = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                clock["depth"] -= 1
+                if clock["depth"] == 0:  # replan inside update_graph counts once
+                    clock["seconds"] += time.perf_counter() - t0
+
+        return wrapper
+
+    for name in _TIMED_HOOKS:
+        setattr(plugin, name, timed_hook(getattr(plugin, name)))
+
+
+def plugin_hook_seconds(dask_scheduler: Any) -> float | None:
+    """Seconds spent in the scheduler plugin's hooks so far (``None`` without the plugin)."""
+    plugin = dask_scheduler.plugins.get(PLUGIN_NAME)
+    return plugin.bench_clock["seconds"] if plugin is not None else None
+
+
+def plain_once(client: Client, n_tasks: int) -> dict[str, Any]:
+    """Time ``n_tasks`` no-op tasks: throughput, and the time spent in scheduler plugin hooks."""
+    hooks = client.run_on_scheduler(plugin_hook_seconds)
+    # pure=False: fresh keys each repetition, so no result of the previous one is reused.
+    futures, seconds = timed(lambda: client.map(inc, range(n_tasks), pure=False))
+    if hooks is not None:
+        hooks = round(client.run_on_scheduler(plugin_hook_seconds) - hooks, 3)
+    correct = sum(client.gather(futures)) == sum(range(1, n_tasks + 1))
+    return {
+        "seconds": round(seconds, 3),
+        "tasks_per_s": round(n_tasks / seconds, 1),
+        "plugin_hook_s": hooks,
+        "correct": correct,
+    }
+
+
+def run_plain(n_tasks: int, load_seconds: float, repetitions: int) -> dict[str, Any]:
+    """``plain``: on/off repetitions interleaved; median throughputs and their ratio.
+
+    Both clusters stay up for all repetitions (starting six clusters would
+    cost more than the measurements), and the on/off order alternates, so
+    drift in machine load hits both variants alike. The time spent inside the
+    plugin's hooks bounds its overhead independently of that drift.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    clients: dict[str, Client] = {}
+    with ExitStack() as stack:
+        for variant in runs:
+            _, clients[variant] = stack.enter_context(fresh_cluster())
+            dp.install(clients[variant], [model_context(load_seconds)], scheduler=variant == "on")
+            if variant == "on":
+                clients[variant].run_on_scheduler(time_plugin_hooks)
+            wait(clients[variant].map(inc, range(-100, 0)))  # import this module on workers before timing
+        for rep in range(repetitions):
+            for variant in ("on", "off") if rep % 2 == 0 else ("off", "on"):
+                runs[variant].append(plain_once(clients[variant], n_tasks))
+    out: dict[str, Any] = {
+        v: {
+            "runs": runs[v],
+            "median_tasks_per_s": statistics.median(r["tasks_per_s"] for r in runs[v]),
+        }
+        for v in runs
+    }
+    out["ratio"] = round(out["on"]["median_tasks_per_s"] / out["off"]["median_tasks_per_s"], 3)
+    out["on"]["hook_share_pct"] = round(
+        statistics.median(100 * r["plugin_hook_s"] / r["seconds"] for r in runs["on"]), 2
+    )
+    return out
+
+
+# -- checks against the targets ----------------------------------------------------
+@dataclass
+class Check:
+    """One row of the results table."""
+
+    scenario: str
+    metric: str
+    on: Any
+    off: Any
+    target: str
+    passed: bool | None  #: ``None``: reported, no target
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def check_few(r: dict[str, Any]) -> list[Check]:
+    on, off = r["on"], r["off"]
+    return [
+        Check("few", "loads", on["loads"], off["loads"], "on = 1, off >= 3", on["loads"] == 1 and off["loads"] >= 3),
+        Check(
+            "few", "makespan (s)", on["makespan_s"], off["makespan_s"], "on < off", on["makespan_s"] < off["makespan_s"]
+        ),
+        Check(
+            "few",
+            "correct results",
+            on["correct"],
+            off["correct"],
+            str(FEW_TASKS),
+            on["correct"] == off["correct"] == FEW_TASKS,
+        ),
+    ]
+
+
+def check_backlog(r: dict[str, Any]) -> list[Check]:
+    on, off = r["on"], r["off"]
+    single = BACKLOG_TASKS * TASK_SECONDS  # the whole backlog on the one warm worker
+    return [
+        Check(
+            "backlog",
+            "makespan (s)",
+            on["makespan_s"],
+            off["makespan_s"],
+            f"on <= {0.6 * single:.1f} (0.6 x single-warm {single:.1f})",
+            on["makespan_s"] <= 0.6 * single,
+        ),
+        Check(
+            "backlog",
+            "makespan / single-warm time",
+            round(on["makespan_s"] / single, 3),
+            round(off["makespan_s"] / single, 3),
+            "on <= 0.6",
+            on["makespan_s"] <= 0.6 * single,
+        ),
+        Check("backlog", "workers that loaded", on["workers_loaded"], off["workers_loaded"], "", None),
+        Check("backlog", "loads", on["loads"], off["loads"], "", None),
+        Check(
+            "backlog",
+            "correct results",
+            on["correct"],
+            off["correct"],
+            str(BACKLOG_TASKS),
+            on["correct"] == off["correct"] == BACKLOG_TASKS,
+        ),
+    ]
+
+
+def check_multi(r: dict[str, Any]) -> list[Check]:
+    on, off = r["on"], r["off"]
+    return [
+        Check("multi", "loads", on["loads"], off["loads"], "on <= 8", on["loads"] <= 8),
+        Check("multi", "makespan (s)", on["makespan_s"], off["makespan_s"], "", None),
+        Check("multi", "evictions", on["evictions"], off["evictions"], "", None),
+        Check(
+            "multi",
+            "correct results",
+            on["correct"],
+            off["correct"],
+            str(MULTI_TASKS),
+            on["correct"] == off["correct"] == MULTI_TASKS,
+        ),
+    ]
+
+
+def check_preempt(r: dict[str, Any]) -> list[Check]:
+    on, off = r["on"], r["off"]
+    on_new, off_new = len(on["loads_after_kill"]), len(off["loads_after_kill"])
+    return [
+        Check(
+            "preempt",
+            "correct results",
+            on["correct"],
+            off["correct"],
+            str(PREEMPT_TASKS),
+            on["correct"] == off["correct"] == PREEMPT_TASKS,
+        ),
+        Check(
+            "preempt",
+            "results on dead worker",
+            on["results_on_dead_worker"],
+            off["results_on_dead_worker"],
+            "0",
+            on["results_on_dead_worker"] == off["results_on_dead_worker"] == 0,
+        ),
+        Check(
+            "preempt",
+            "post-kill tasks by worker state at kill",
+            _fmt_counts(on["post_kill_by_state"]),
+            _fmt_counts(off["post_kill_by_state"]),
+            "",
+            None,
+        ),
+        Check("preempt", "loads started after kill", on_new, off_new, "on = 0 (warm workers only)", on_new == 0),
+        Check(
+            "preempt",
+            "post-kill tasks that waited for a load",
+            on["post_kill_waited"],
+            off["post_kill_waited"],
+            "",
+            None,
+        ),
+        Check("preempt", "makespan (s)", on["makespan_s"], off["makespan_s"], "", None),
+    ]
+
+
+def check_plain(r: dict[str, Any]) -> list[Check]:
+    on, off = r["on"]["median_tasks_per_s"], r["off"]["median_tasks_per_s"]
+    correct = all(run["correct"] for v in ("on", "off") for run in r[v]["runs"])
+    return [
+        Check("plain", "median throughput (tasks/s)", on, off, "", None),
+        Check("plain", "plugin hook time, % of wall (median)", r["on"]["hook_share_pct"], "", "", None),
+        Check("plain", "throughput ratio on/off", r["ratio"], "", ">= 0.9", r["ratio"] >= 0.9),
+        Check("plain", "all results correct", correct, "", "True", correct),
+    ]
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+# -- driver ------------------------------------------------------------------------------
+def run_scenario(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
+    """Run scenario ``name`` with the plugin on and off; raw results and checks."""
+    if name == "plain":
+        result = run_plain(PLAIN_TASKS, args.load_seconds, PLAIN_REPETITIONS)
+        return result, check_plain(result)
+    run: Callable[[bool], dict[str, Any]]
+    run, check = {
+        "few": (partial(run_single_warm, n_tasks=FEW_TASKS, load_seconds=args.load_seconds), check_few),
+        "backlog": (partial(run_single_warm, n_tasks=BACKLOG_TASKS, load_seconds=args.load_seconds), check_backlog),
+        "multi": (
+            partial(run_multi, n_tasks=MULTI_TASKS, load_seconds=args.multi_load_seconds, seed=args.seed),
+            check_multi,
+        ),
+        "preempt": (
+            partial(
+                run_preempt,
+                n_tasks=PREEMPT_TASKS,
+                load_seconds=args.load_seconds,
+                kill_fraction=PREEMPT_KILL_FRACTION,
+            ),
+            check_preempt,
+        ),
+    }[name]
+    variants = {variant: run(variant == "on") for variant in ("on", "off")}
+    return variants, check(variants)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts stored with the results."""
+    return {
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "dask_pervasive": dp.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def print_table(checks: list[Check]) -> None:
+    """Print the results table with ``rich``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="dask_pervasive placement: scheduler plugin on vs off")
+    for column in ("scenario", "metric", "plugin on", "plugin off", "target", "result"):
+        table.add_column(column)
+    for c in checks:
+        verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: ""}[c.passed]
+        table.add_row(c.scenario, c.metric, str(c.on), str(c.off), c.target, verdict)
+    # Piped output (logs, CI) gets a wide table rather than rich's 80-column default.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dask_pervasive.bench.placement",
+        description="Scheduler plugin on vs off: loads, makespan, preemption, overhead.",
+    )
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=SCENARIOS,
+        default=list(SCENARIOS),
+        metavar="NAME",
+        help=f"subset of {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--out", default="docs/placement-results.json", help="JSON output path")
+    parser.add_argument("--load-seconds", type=float, default=3.0, help="context load time (few, backlog, preempt)")
+    parser.add_argument("--multi-load-seconds", type=float, default=1.0, help="load time of each multi context")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the multi task order")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scenarios, print the table, write the JSON; 0 when every target is met."""
+    args = parse_args(argv)
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    checks: list[Check] = []
+    for name in args.scenarios:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[name], scenario_checks = run_scenario(name, args)
+        except Exception as exc:  # noqa: BLE001 - report it and still measure the other scenarios
+            results[name] = {"error": traceback.format_exc()}
+            scenario_checks = [Check(name, "error", f"{type(exc).__name__}: {exc}", "", "runs", False)]
+        checks.extend(scenario_checks)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    print_table(checks)
+    report = {
+        "environment": environment(),
+        "arguments": vars(args),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "scenario_seconds": seconds,
+        "checks": [c.as_dict() for c in checks],
+        "scenarios": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if all(c.passed is not False for c in checks) else 1
+
+
+if __name__ == "__main__":
+    # Run the importable module, not this __main__ copy: cloudpickle would send
+    # __main__ functions by value instead of by reference to this module.
+    from dask_pervasive.bench.placement import main as _main
+
+    sys.exit(_main())
