@@ -1,23 +1,26 @@
 """Peer-to-peer transfer of context files over Dask's own comms.
 
 When many cold workers need the same context, reading it from the origin
-once per worker makes the origin the bottleneck. Workers that already hold a
-complete copy serve it to the others instead, over the connections Dask
-already has (so ``distributed.security`` TLS applies and no port is opened).
+once per worker makes the origin the bottleneck. Workers that hold the files
+serve them to the others instead, over the connections Dask already has (so
+``distributed.security`` TLS applies and no port is opened).
 
 Four roles, each a small part of this module:
 
 * :class:`ContextServer` (worker handlers ``pervasive_manifest`` and
   ``pervasive_read``) serves, in chunks, the files listed in the manifest of
-  a worker's complete copy, and nothing else.
+  a worker's complete copy (or, while the worker still copies, the files it
+  has already verified), and nothing else.
 * :class:`SourceCoordinator` (scheduler handlers
   ``pervasive_acquire_source``, ``pervasive_release_source``,
   ``pervasive_holders``; created by :class:`~dask_pervasive.ContextSchedulerPlugin`)
   tells a cold worker where to copy from: a holder with a free upload slot
-  (``pervasive.transfer.peer-max-uploads``), the origin while fewer than
-  ``pervasive.transfer.origin-max-concurrent`` workers read it, or to wait.
-  Every worker that finishes becomes a holder, so a cohort fans out as a tree
-  and the origin is read about once.
+  (``pervasive.transfer.peer-max-uploads``), else a worker still copying
+  (followed file by file), else the origin while fewer than
+  ``pervasive.transfer.origin-max-concurrent`` workers read it, else to wait.
+  Every worker becomes a source, so a cohort fans out as a tree that streams
+  while the first worker still reads the origin, and the origin is read
+  about once.
 * :func:`fetch_context` (called by the worker's context cache) copies a
   context: peers first, origin as fallback, each file into a temporary name,
   verified against the sha256 manifest, then renamed; a failing or stalled
@@ -30,7 +33,8 @@ Four roles, each a small part of this module:
 The manifest (relative path → size, sha256) is computed once, by the first
 worker that copies from the origin (:mod:`dask_pervasive.files` writes it
 last, so only complete copies have one). That worker hands it to the
-scheduler's coordinator, and every later copy is checked against it.
+scheduler's coordinator, and every later copy is checked against it: file by
+file against its source's manifest, and as a whole against the coordinator's.
 """
 
 from __future__ import annotations
