@@ -50,20 +50,18 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import dask
-import distributed
 from dask.utils import format_bytes, parse_bytes
 from distributed import Client, LocalCluster
 
 import dask_pervasive as dp
 from dask_pervasive.bench.http_origin import HTTPOrigin
+from dask_pervasive.bench.placement import environment
 from dask_pervasive.files import MANIFEST
 from dask_pervasive.worker import EVENT_TOPIC
 
@@ -244,15 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = checks(results, size)
     print_table(results, verdicts, size)
     report = {
-        "environment": {
-            "dask": dask.__version__,
-            "distributed": distributed.__version__,
-            "dask_pervasive": dp.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
+        "environment": environment(),
         "arguments": vars(args),
         "context_bytes": size,
         "origin_bandwidth_bytes_per_second": parse_bytes(args.bandwidth),
