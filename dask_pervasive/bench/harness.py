@@ -1,0 +1,261 @@
+"""Machinery shared by every scenario: process set-up, models, origin, clusters, progress, events.
+
+Method notes
+------------
+* Worker processes are forked from a *forkserver* that has imported
+  ``torch`` and the GPT-2 code of ``transformers`` once, as a worker image
+  with ``--preload`` would have them. The benchmark starts about twenty
+  clusters, and on two cores importing torch in every worker of every cluster
+  would take longer than the measurements. Library imports are therefore
+  paid once per benchmark, identically for all strategies, and a *load* is
+  what remains per model: fetch from the origin, ``from_pretrained``
+  (deserialize) and the first forward pass (warm-up).
+* ``OMP_NUM_THREADS=1``: one worker thread, one core's worth of torch.
+* The origin (:class:`~dask_pervasive.bench.http_origin.HTTPOrigin`) is a
+  local HTTP server with one global bandwidth cap, a *simulation* of a
+  contended shared filesystem; every strategy reads the model from it through
+  fsspec, and it counts the bytes it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+#: Modules the forkserver imports once, so forked workers start with them: torch,
+#: transformers' GPT-2, tokenizer and auto classes, fsspec's http filesystem (what a
+#: first ``from_pretrained`` and a first origin read would otherwise import lazily),
+#: and this package.
+PRELOAD = [
+    "torch",
+    "safetensors.torch",
+    "tokenizers",
+    "transformers",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.gpt2.modeling_gpt2",
+    "transformers.tokenization_utils_tokenizers",
+    "transformers.convert_slow_tokenizer",
+    "aiohttp",
+    "fsspec.implementations.http",
+    "fsspec.implementations.chained",
+    "dask_pervasive.bench.strategies",
+]
+
+#: Environment for this process and (through the forkserver) every worker.
+ENVIRONMENT = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+def setup_process() -> None:
+    """Configure this process before any cluster starts (see the module notes)."""
+    os.environ.update(ENVIRONMENT)
+    import dask
+
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    from distributed.utils import get_mp_context
+
+    get_mp_context()  # lets distributed register its own forkserver preloads first
+    server = multiprocessing.forkserver._forkserver  # the list distributed set, which we extend
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        list(dict.fromkeys([*server._preload_modules, *PRELOAD]))
+    )
+    server.ensure_running()  # imports PRELOAD in the background while models are built
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+# -- models and the origin --------------------------------------------------------------
+@dataclass(frozen=True)
+class Model:
+    """One model directory under the origin root."""
+
+    name: str  #: context name
+    path: str  #: local directory (the origin serves it)
+    rel: str  #: path below the origin root, with a trailing slash
+    file_bytes: int  #: bytes of its files (what one full read of the origin costs)
+
+
+def build_models(root: str, n: int, size: dict[str, int], prefix: str = "verifier") -> list[Model]:
+    """``n`` GPT-2 models of the same size and tokenizer, different weights, under ``root/models``.
+
+    The first is built by :func:`~dask_pervasive.tiny_models.make_tiny_gpt2`;
+    the others copy its tokenizer and config and draw new weights (seed ``i``).
+    """
+    from dask_pervasive.tiny_models import make_tiny_gpt2
+
+    paths = [os.path.join(root, "models", f"{prefix}-{i}") for i in range(n)]
+    make_tiny_gpt2(paths[0], seed=0, **size)
+    for seed, path in enumerate(paths[1:], start=1):
+        _reseeded_copy(paths[0], path, seed)
+    return [
+        Model(
+            os.path.basename(p),
+            p,
+            f"models/{os.path.basename(p)}/",
+            sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p)),
+        )
+        for p in paths
+    ]
+
+
+def _reseeded_copy(source: str, dest: str, seed: int) -> None:
+    """``source``'s tokenizer and config with freshly drawn weights, saved in ``dest``."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    shutil.copytree(source, dest)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config.from_pretrained(source)).save_pretrained(dest)
+
+
+def quiet(origin: Any) -> Any:
+    """Stop ``origin`` printing a traceback for every connection a killed worker drops mid-file."""
+    origin._server.handle_error = lambda request, client_address: None
+    return origin
+
+
+# -- clusters -----------------------------------------------------------------------------
+@contextmanager
+def fresh_cluster(n_workers: int) -> Iterator[tuple[Any, Any]]:
+    """A new ``LocalCluster(processes=True, threads_per_worker=1)`` and its client."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            # Killed workers (preempt) make nannies and comms log warnings and tracebacks.
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(n_workers)
+        yield cluster, client
+
+
+# -- progress -----------------------------------------------------------------------------
+class Progress:
+    """Completed tasks, counted by strategies, watched by scenario events (kills, scale-up)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self._cond = threading.Condition()
+        self.finished = threading.Event()
+
+    def add(self, n: int = 1) -> None:
+        with self._cond:
+            self.done += n
+            self._cond.notify_all()
+            if self.done >= self.total:
+                self.finished.set()
+
+    def wait_for(self, n: int, timeout: float | None = None) -> bool:
+        """Block until ``n`` tasks are done; ``False`` if the run ended (or timed out) first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.done >= n or self.finished.is_set(), timeout) and self.done >= n
+
+
+# -- what a strategy gets -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One task: score ``items`` with model ``context``."""
+
+    index: int
+    context: str
+    items: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Session:
+    """Everything one strategy run needs: the cluster, the origin, models, budget, progress."""
+
+    cluster: Any
+    client: Any
+    origin: Any
+    models: dict[str, Model]
+    capacity: int | None  #: context memory budget per worker in bytes (None: unlimited)
+    progress: Progress
+
+    def url(self, context: str) -> str:
+        return self.origin.url(self.models[context].rel)
+
+    @property
+    def model_bytes(self) -> int:
+        """File bytes of one model (all have the same size)."""
+        return next(iter(self.models.values())).file_bytes
+
+
+# -- scheduler events ------------------------------------------------------------------------
+def pervasive_loads(client: Any, since: float) -> list[dict[str, Any]]:
+    """Loads that finished after ``since``: worker, context, wall time, seconds (from worker events).
+
+    Read from the scheduler's event log, so loads on workers that were killed
+    later are still counted.
+    """
+    from dask_pervasive.worker import EVENT_TOPIC
+
+    loads = []
+    for t, msg in client.get_events(EVENT_TOPIC):
+        if t < since or not isinstance(msg, dict) or msg.get("action") != "context-state":
+            continue
+        if msg.get("state") == "resident":
+            loads.append(
+                {
+                    "worker": msg.get("worker"),
+                    "context": msg["context"],
+                    "t": t,
+                    "load_s": msg.get("last_load_seconds", 0.0),
+                    "fetch_s": msg.get("last_fetch_seconds", 0.0),
+                }
+            )
+    return loads
+
+
+def pervasive_transfers(client: Any, since: float) -> list[dict[str, Any]]:
+    """Peer-transfer copies after ``since``: bytes from peers and from the origin per copy."""
+    from dask_pervasive.worker import EVENT_TOPIC
+
+    return [
+        {k: msg.get(k) for k in ("worker", "context", "sources", "bytes_from_peers", "bytes_from_origin", "seconds")}
+        | {"t": t}
+        for t, msg in client.get_events(EVENT_TOPIC)
+        if t >= since and isinstance(msg, dict) and msg.get("action") == "transfer"
+    ]
+
+
+def worker_timeline(client: Any, since: float) -> list[dict[str, Any]]:
+    """Workers joining and leaving after ``since`` (scheduler ``all`` events)."""
+    out = []
+    for t, msg in client.get_events("all"):
+        if t >= since and isinstance(msg, dict) and msg.get("action") in ("add-worker", "remove-worker"):
+            out.append({"t": t, "action": msg["action"], "worker": msg.get("worker")})
+    return out
+
+
+def now() -> float:
+    """Wall-clock time (comparable with scheduler event timestamps)."""
+    return time.time()
