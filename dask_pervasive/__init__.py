@@ -6,9 +6,15 @@ from . import config  # noqa: F401  (loads pervasive.yaml into dask.config)
 from .client import ContextStatsTable, evict, install, prewarm, register, stats, where
 from .context import Context, LoadedModel, TransformersContext
 from .errors import (
+    BudgetExhaustedError,
+    ConfigurationError,
+    ContextDefinitionError,
     ContextLoadError,
     ContextTooLargeError,
+    ContextUsageError,
+    DeviceUnavailableError,
     PervasiveError,
+    PluginNotInstalledError,
     TransferError,
     UnknownContextError,
 )
@@ -20,15 +26,21 @@ from .worker import ContextWorkerPlugin
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetExhaustedError",
+    "ConfigurationError",
     "Context",
+    "ContextDefinitionError",
     "ContextLoadError",
     "ContextSchedulerPlugin",
     "ContextStatsTable",
     "ContextTooLargeError",
+    "ContextUsageError",
     "ContextWorkerPlugin",
+    "DeviceUnavailableError",
     "LoadedModel",
     "PeerFileSystem",
     "PervasiveError",
+    "PluginNotInstalledError",
     "TransferError",
     "TransformersContext",
     "UnknownContextError",

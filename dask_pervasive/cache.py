@@ -8,6 +8,18 @@ States of one context on one worker::
 
 Exactly one thread fetches and loads a context; every other thread asking
 for it meanwhile waits on the same condition and gets the same object.
+
+Memory: a context is only accounted once room for it is made under the
+budgets. Idle contexts are evicted (least recently used first); when the
+room is held by contexts in use (pinned by running tasks, or being loaded),
+the loading thread waits up to ``budget_wait`` seconds for them to be
+released, then fails with :class:`~dask_pervasive.errors.BudgetExhaustedError`
+and the context goes back to its previous state (not ``failed``). Resident
+contexts therefore never exceed a budget; with ``nbytes`` undeclared the size
+is known only after ``load``, so while such a load waits for room its object
+is held outside the budget (at most its own size, for at most
+``budget_wait``). A CUDA out-of-memory error during ``load`` evicts the idle
+contexts on that device and retries the load once.
 """
 
 from __future__ import annotations
@@ -18,19 +30,28 @@ import logging
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dask.utils import format_bytes
 
+from . import devices
 from .context import Context
 from .devices import (
+    is_device_oom,
     measure_nbytes,
     release_device_memory,
     resolve_device,
 )
-from .errors import ContextLoadError, ContextTooLargeError, UnknownContextError
+from .errors import (
+    BudgetExhaustedError,
+    ContextDefinitionError,
+    ContextLoadError,
+    ContextTooLargeError,
+    UnknownContextError,
+)
 from .files import FetchResult, fetch_source
 
 logger = logging.getLogger(__name__)
@@ -77,6 +98,7 @@ class ContextEntry:
     released: Any = None  #: evicted object awaiting teardown outside the lock
     last_load_seconds: float = 0.0  #: fetch + load time of the latest load
     last_fetch_seconds: float = 0.0  #: the fetch part of it
+    attempt: int = 0  #: number of loads started; waiters compare it to see their load's outcome
     counters: ContextCounters = field(default_factory=ContextCounters)
 
     @property
@@ -100,6 +122,10 @@ class ContextCache:
     retry_failed_after
         Seconds during which a failed context re-raises its error instead of
         loading again.
+    budget_wait
+        Seconds a load waits for contexts in use to be released when they
+        leave no room for it under a budget, before it fails with
+        :class:`~dask_pervasive.errors.BudgetExhaustedError`.
     chunk_size, verify
         File copy parameters (``pervasive.transfer.*``).
     on_change
@@ -119,6 +145,7 @@ class ContextCache:
         max_bytes: int | None = None,
         device_max_bytes: int | None | Callable[[str], int | None] = None,
         retry_failed_after: float = 30.0,
+        budget_wait: float = 60.0,
         chunk_size: int = 4 * 2**20,
         verify: bool = True,
         on_change: Callable[[ContextEntry], None] | None = None,
@@ -129,6 +156,7 @@ class ContextCache:
         self.max_bytes = max_bytes
         self._device_max_bytes = device_max_bytes
         self.retry_failed_after = retry_failed_after
+        self.budget_wait = budget_wait
         self.chunk_size = chunk_size
         self.verify = verify
         self.on_change = on_change
@@ -148,10 +176,11 @@ class ContextCache:
             old = self.entries.get(context.name)
             if old is not None:
                 if old.context.token != context.token:
-                    raise ValueError(
+                    raise ContextDefinitionError(
                         f"Context {context.name!r} is already declared on worker "
-                        f"{self.address} with a different definition ({old.context!r}); "
-                        "pick another name"
+                        f"{self.address} with a different definition: {old.context.describe()}; "
+                        f"new definition: {context.describe()}; pick another name",
+                        context.name,
                     )
                 return False
             self.entries[context.name] = ContextEntry(context)
@@ -203,6 +232,101 @@ class ContextCache:
             if budget is not None and dev > budget:
                 raise ContextTooLargeError(entry.name, dev, budget, "device", self.address)
 
+    def _shortfall_locked(self, entry: ContextEntry, host: int, dev: int) -> set[str]:
+        """Budgets (``"host"`` / a device) that adding ``host``/``dev`` bytes for ``entry`` would exceed."""
+        held = [e for e in self._held() if e is not entry]
+        over = set()
+        if host and self.max_bytes is not None and sum(e.host_bytes for e in held) + host > self.max_bytes:
+            over.add("host")
+        if dev and entry.device:
+            budget = self.device_budget(entry.device)
+            used = sum(e.device_bytes for e in held if e.device == entry.device)
+            if budget is not None and used + dev > budget:
+                over.add(entry.device)
+        return over
+
+    def _reserve(self, entry: ContextEntry, host: int, dev: int, key: Any) -> None:
+        """Account ``host``/``dev`` bytes for ``entry`` once they fit under the budgets.
+
+        Evicts idle contexts (LRU first). When contexts in use take the room,
+        waits up to ``budget_wait`` seconds for their tasks to release them,
+        then raises :class:`BudgetExhaustedError`. Raises at once when the
+        room is taken by contexts the requesting task ``key`` holds itself
+        (it cannot release them while it waits).
+        """
+        deadline = time.monotonic() + self.budget_wait
+        while True:
+            victims: list[ContextEntry] = []
+            with self._lock:
+                entry.host_bytes = entry.device_bytes = 0  # not counted while waiting for room
+                while over := self._shortfall_locked(entry, host, dev):
+                    idle = [
+                        e
+                        for e in self.entries.values()
+                        if e is not entry
+                        and e.state is State.RESIDENT
+                        and e.users == 0
+                        and (("host" in over and e.host_bytes) or (e.device in over and e.device_bytes))
+                    ]
+                    if not idle:
+                        break
+                    victim = min(idle, key=lambda e: e.last_used)
+                    self._evict_locked(victim)
+                    victims.append(victim)
+                if not over:
+                    entry.host_bytes, entry.device_bytes = host, dev
+                    return_now = True
+                else:
+                    return_now = False
+                    if not victims:
+                        remaining = deadline - time.monotonic()
+                        own = self._blocked_by_own_locked(entry, host, dev, key, over)
+                        if remaining <= 0 or own:
+                            raise self._exhausted_locked(entry, host, dev, over, self.budget_wait - max(0, remaining))
+                        logger.info(
+                            "pervasive: context %r on %s waits for room (%s budget taken by contexts in use)",
+                            entry.name,
+                            self.address,
+                            " and ".join(sorted(over)),
+                        )
+                        self._cond.wait(min(remaining, 1.0))
+            # Victims are torn down outside the lock, before waiting or loading.
+            self._teardown(victims)
+            if return_now:
+                return
+
+    def _blocked_by_own_locked(self, entry: ContextEntry, host: int, dev: int, key: Any, over: set[str]) -> bool:
+        """Whether the contexts task ``key`` holds leave no room, so waiting cannot help."""
+        if key is None or not self._holders.get(key):
+            return False
+        own = {n: self.entries[n] for n in self._holders[key] if n in self.entries and n != entry.name}
+        if (
+            "host" in over
+            and self.max_bytes is not None
+            and sum(e.host_bytes for e in own.values()) + host > self.max_bytes
+        ):
+            return True
+        for device in over - {"host"}:
+            budget = self.device_budget(device)
+            if budget is not None and sum(e.device_bytes for e in own.values() if e.device == device) + dev > budget:
+                return True
+        return False
+
+    def _exhausted_locked(
+        self, entry: ContextEntry, host: int, dev: int, over: set[str], waited: float
+    ) -> BudgetExhaustedError:
+        kind = "host" if "host" in over else "device"
+        device = None if kind == "host" else next(iter(sorted(over - {"host"})))
+        in_use = [
+            (e.name, e.host_bytes if kind == "host" else e.device_bytes, e.users or e.state.value)
+            for e in self._held()
+            if e is not entry and (e.host_bytes if kind == "host" else (e.device == device and e.device_bytes))
+        ]
+        budget = self.max_bytes if kind == "host" else self.device_budget(device)
+        return BudgetExhaustedError(
+            entry.name, host if kind == "host" else dev, budget or 0, kind, self.address, in_use, waited
+        )
+
     def _make_room_locked(self) -> list[ContextEntry]:
         """Evict least-recently-used idle contexts while a budget is exceeded."""
         victims = []
@@ -231,6 +355,7 @@ class ContextCache:
         entry.state = State.EVICTED
         entry.host_bytes = entry.device_bytes = 0
         entry.counters.evictions += 1
+        self._cond.notify_all()  # loads waiting for room
 
     def _teardown(self, victims: Iterable[ContextEntry]) -> None:
         """Run teardown, ``gc`` and ``torch.cuda.empty_cache()`` outside the lock."""
@@ -276,29 +401,43 @@ class ContextCache:
                         self._record_span(key, started)
                     return entry.value
                 if entry.state in (State.FETCHING, State.LOADING):
+                    waited_for = entry.attempt
                     self._cond.wait()
+                    if (
+                        entry.attempt == waited_for
+                        and entry.state not in (State.FETCHING, State.LOADING, State.RESIDENT)
+                        and entry.error is not None
+                    ):  # the load we waited for failed: same error, no second attempt from us
+                        raise self._load_error(entry, entry.error)
                     continue
                 if entry.state is State.FAILED and time.monotonic() - entry.failed_at < self.retry_failed_after:
                     raise self._load_error(entry, entry.error)
                 break
+            previous = entry.state if entry.state is not State.FAILED else State.ABSENT
             entry.state = State.FETCHING if entry.context.source else State.LOADING
             entry.error = None
+            entry.attempt += 1
             entry.device = resolve_device(entry.context.device)
         self._changed(entry)
         try:
-            value = self._materialize(entry)
+            value = self._materialize(entry, key)
         except BaseException as exc:
             self._record_span(key, started)
+            # The traceback's frames (the loader's, ours) may hold the half-built or
+            # refused object (GPU tensors): drop their locals before keeping the error.
+            traceback.clear_frames(exc.__traceback__)
+            transient = isinstance(exc, BudgetExhaustedError)
             with self._lock:
-                entry.state = State.FAILED
+                entry.state = previous if transient else State.FAILED
                 entry.value = None
                 entry.host_bytes = entry.device_bytes = 0
                 entry.error = exc
-                entry.failed_at = time.monotonic()
-                entry.counters.failures += 1
+                if not transient:
+                    entry.failed_at = time.monotonic()
+                    entry.counters.failures += 1
                 self._cond.notify_all()
             self._changed(entry)
-            if isinstance(exc, ContextTooLargeError):
+            if isinstance(exc, (ContextTooLargeError, BudgetExhaustedError)):
                 raise
             raise self._load_error(entry, exc) from exc
         with self._lock:
@@ -318,7 +457,7 @@ class ContextCache:
             self.load_spans.setdefault(key, []).append((started, time.time()))
 
     def _load_error(self, entry: ContextEntry, exc: BaseException | None) -> BaseException:
-        if isinstance(exc, ContextTooLargeError):
+        if isinstance(exc, (ContextTooLargeError, BudgetExhaustedError)):
             return exc
         return ContextLoadError(entry.name, self.address, entry.context.source, exc)
 
@@ -340,20 +479,22 @@ class ContextCache:
                 if e is not None and e.users:
                     e.users -= 1
             victims = self._make_room_locked()
+            self._cond.notify_all()  # loads waiting for room may proceed now
         self._teardown(victims)
 
-    def _materialize(self, entry: ContextEntry) -> Any:
+    def _materialize(self, entry: ContextEntry, key: Any = None) -> Any:
         ctx = entry.context
         counters = entry.counters
         start = time.perf_counter()
         declared = ctx.nbytes
+        on_device = entry.device.startswith("cuda")
         if declared is not None:
-            on_device = entry.device.startswith("cuda")
+            host, dev = (0, declared) if on_device else (declared, 0)
             with self._lock:
-                entry.host_bytes, entry.device_bytes = (0, declared) if on_device else (declared, 0)
-                self._check_fits(entry, entry.host_bytes, entry.device_bytes)
-                victims = self._make_room_locked()
-            self._teardown(victims)
+                self._check_fits(entry, host, dev)
+        devices.check_device_available(entry.device, entry.name)
+        if declared is not None:
+            self._reserve(entry, host, dev, key)
         path = None
         if ctx.source is not None:
             result = self.fetcher(ctx, self.files_dir(ctx))
@@ -365,16 +506,16 @@ class ContextCache:
             with self._lock:
                 entry.state = State.LOADING
             self._changed(entry)
-        value = ctx.load(path, entry.device)
+        value = self._load(entry, path)
         if declared is None:
             host, dev = measure_nbytes(value)
             try:
                 self._check_fits(entry, host, dev)
-            except ContextTooLargeError:
-                entry.released = value
+                self._reserve(entry, host, dev, key)
+            except (ContextTooLargeError, BudgetExhaustedError):
+                entry.released, value = value, None
                 self._teardown([entry])
                 raise
-            entry.host_bytes, entry.device_bytes = host, dev
         entry.last_load_seconds = time.perf_counter() - start
         counters.load_seconds += entry.last_load_seconds
         logger.info(
@@ -386,6 +527,52 @@ class ContextCache:
             format_bytes(entry.device_bytes),
         )
         return value
+
+    def _load(self, entry: ContextEntry, path: str | None) -> Any:
+        """Run ``load``; on a CUDA out-of-memory error free the device and retry once.
+
+        The retry happens only for a context on a CUDA device and only when
+        idle contexts on that device could be evicted to make room: otherwise
+        nothing changed and it would fail again.
+        """
+        try:
+            return entry.context.load(path, entry.device)
+        except BaseException as exc:
+            if not is_device_oom(exc):
+                raise
+            traceback.clear_frames(exc.__traceback__)  # partial tensors of the failed load
+            with self._lock:
+                victims = [
+                    e
+                    for e in self.entries.values()
+                    if entry.device.startswith("cuda")
+                    and e is not entry
+                    and e.state is State.RESIDENT
+                    and e.users == 0
+                    and e.device == entry.device
+                ]
+                for victim in victims:
+                    self._evict_locked(victim)
+            self._teardown(victims)  # gc + torch.cuda.empty_cache()
+            if not victims:
+                gc.collect()
+                release_device_memory()
+                raise
+            logger.warning(
+                "pervasive: out of memory on %s loading context %r on %s; evicted idle %s and retrying once",
+                entry.device,
+                entry.name,
+                self.address,
+                ", ".join(repr(v.name) for v in victims),
+            )
+        try:
+            return entry.context.load(path, entry.device)
+        except BaseException as exc:
+            if is_device_oom(exc):
+                traceback.clear_frames(exc.__traceback__)
+                gc.collect()
+                release_device_memory()
+            raise
 
     def evict(self, name: str) -> bool:
         """Evict ``name`` now if no running task holds it; ``True`` if it was resident."""

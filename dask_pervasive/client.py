@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 
 from .cache import State
 from .context import Context
-from .errors import ContextLoadError, PervasiveError, UnknownContextError
+from .errors import (
+    ContextDefinitionError,
+    ContextLoadError,
+    ContextUsageError,
+    PervasiveError,
+    PluginNotInstalledError,
+    UnknownContextError,
+)
 from .worker import (
     PLUGIN_NAME,
     ContextDeclaration,
@@ -22,6 +29,8 @@ if TYPE_CHECKING:
     from distributed import Client
 
 _METADATA = ("pervasive", "contexts")
+#: ``{name: Context.describe()}``, to name both sides of a conflicting redefinition.
+_DEFINITIONS = ("pervasive", "definitions")
 
 
 # -- functions run on workers with client.run ---------------------------------
@@ -37,6 +46,12 @@ def _tokens_on_worker(dask_worker) -> dict[str, str]:
     return {n: e.context.token for n, e in plugin.cache.entries.items()}
 
 
+def _describe_on_worker(name: str, dask_worker) -> str | None:
+    plugin = plugin_on(dask_worker)
+    entry = plugin.cache.entries.get(name) if plugin is not None else None
+    return entry.context.describe() if entry is not None else None
+
+
 def _evict_on_worker(name: str, dask_worker) -> str:
     plugin = plugin_on(dask_worker)
     if plugin is None or name not in plugin.cache.entries:
@@ -50,10 +65,17 @@ def _evict_on_worker(name: str, dask_worker) -> str:
 async def _prewarm_on_worker(name: str, dask_worker) -> str:
     plugin = plugin_on(dask_worker)
     if plugin is None:
-        raise PervasiveError(f"ContextWorkerPlugin is not installed on worker {dask_worker.address}")
+        raise PluginNotInstalledError(
+            f"ContextWorkerPlugin is not installed on worker {dask_worker.address}: "
+            "call dask_pervasive.install(client, contexts) first"
+        )
     # Load in a thread: loading can take minutes and must not block the event loop.
     await asyncio.get_running_loop().run_in_executor(None, lambda: plugin.cache.acquire(name, None, count_hit=False))
     return dask_worker.address
+
+
+def _has_plugin_on_worker(dask_worker) -> bool:
+    return plugin_on(dask_worker) is not None
 
 
 def _worker_plugin_names(dask_scheduler) -> list[str]:
@@ -77,19 +99,36 @@ async def _declared(client: Client) -> dict[str, str]:
     return known
 
 
+async def _existing_definition(client: Client, name: str) -> str:
+    described = await client.get_metadata([*_DEFINITIONS, name], default=None)
+    if described is None:
+        found = [d for d in (await client.run(_describe_on_worker, name)).values() if d]
+        described = found[0] if found else "a definition the workers hold"
+    return described
+
+
 async def _register(client: Client, context: Context) -> bool:
+    if not isinstance(context, Context):
+        raise ContextDefinitionError(
+            f"dask_pervasive.register() takes one dask_pervasive.Context, got {type(context).__name__}: {context!r}"
+        )
     (context,) = _check_contexts([context])
     known = await _declared(client)
     if context.name in known:
         if known[context.name] != context.token:
-            raise ValueError(
-                f"A different context named {context.name!r} is already declared on this cluster; pick another name"
+            existing = await _existing_definition(client, context.name)
+            raise ContextDefinitionError(
+                f"A different context named {context.name!r} is already declared on this cluster: "
+                f"{existing}; you are declaring {context.describe()}. Pick another name "
+                "(a declared context cannot be redefined while workers may hold it)",
+                context.name,
             )
         declaration = ContextDeclaration(context).name
         if declaration in await client.run_on_scheduler(_worker_plugin_names):
             return False
     await client.register_plugin(ContextDeclaration(context))
     await client.set_metadata([*_METADATA, context.name], context.token)
+    await client.set_metadata([*_DEFINITIONS, context.name], context.describe())
     return True
 
 
@@ -100,8 +139,10 @@ def register(client: Client, context: Context) -> bool:
 
     Raises
     ------
-    ValueError
-        A different context with the same name is already declared.
+    ContextDefinitionError
+        ``context`` is not a valid, picklable Context, or a different context
+        with the same name is already declared (the message shows both).
+        Also a ``ValueError``.
 
     Examples
     --------
@@ -202,6 +243,7 @@ class ContextStatsTable(list):
     """A list of per-(worker, context) dicts, with :meth:`to_pandas`."""
 
     def to_pandas(self) -> pd.DataFrame:
+        """The rows as a ``pandas.DataFrame``, one column per key (needs pandas)."""
         import pandas as pd
 
         return pd.DataFrame(list(self))
@@ -232,15 +274,38 @@ def stats(client: Client) -> ContextStatsTable:
 
 async def _require_known(client: Client, name: str, rows: list[dict]) -> None:
     if not isinstance(name, str):
-        raise TypeError(f"context name must be a string, got {type(name).__name__}")
+        raise ContextUsageError(f"context name must be a string, got {type(name).__name__}: {name!r}")
     known = await _known_names(client, rows)
     if name not in known:
+        if not any((await client.run(_has_plugin_on_worker)).values()):
+            raise PluginNotInstalledError(
+                f"Context {name!r} is unknown because ContextWorkerPlugin is not installed on any worker: "
+                "call dask_pervasive.install(client, contexts) first"
+            )
         raise UnknownContextError(name, known, "client")
+
+
+async def _check_workers(client: Client, workers: Iterable[str] | None) -> list[str] | None:
+    """``workers`` as a list of addresses the scheduler knows (ContextUsageError otherwise)."""
+    if workers is None:
+        return None
+    if isinstance(workers, str):
+        workers = [workers]
+    try:
+        workers = list(workers)
+    except TypeError:
+        raise ContextUsageError(f"workers must be a list of worker addresses, got {workers!r}") from None
+    info = await client.scheduler.identity(n_workers=-1)
+    unknown = [w for w in workers if w not in info["workers"]]
+    if unknown:
+        raise ContextUsageError(f"unknown worker address(es) {unknown!r}; the cluster has {sorted(info['workers'])!r}")
+    return workers
 
 
 async def _evict(client: Client, name: str, workers: Iterable[str] | None) -> dict[str, str]:
     await _require_known(client, name, await _snapshots(client))
-    return await client.run(_evict_on_worker, name, workers=list(workers) if workers is not None else None)
+    workers = await _check_workers(client, workers)
+    return await client.run(_evict_on_worker, name, workers=workers)
 
 
 def evict(client: Client, name: str, workers: Iterable[str] | None = None) -> dict[str, str]:
@@ -274,8 +339,11 @@ def _progress_bar(enabled: bool, **kwargs):
 
 
 async def _prewarm(client, name, n_workers, workers, progress) -> list[str]:
+    if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0):
+        raise ContextUsageError(f"n_workers must be a non-negative int or None, got {n_workers!r}")
     rows = await _snapshots(client)
     await _require_known(client, name, rows)
+    workers = await _check_workers(client, workers)
     mine = [r for r in rows if r["context"] == name]
     resident = sorted(r["worker"] for r in mine if r["state"] == State.RESIDENT.value)
     if workers is not None:
@@ -337,7 +405,9 @@ def prewarm(
     ------
     UnknownContextError
         ``name`` is not declared.
-    ContextLoadError
+    ContextUsageError
+        ``n_workers`` or ``workers`` is invalid (e.g. an unknown address).
+    ContextLoadError, ContextTooLargeError, BudgetExhaustedError
         Loading failed on a worker (raised after all others finished).
 
     Examples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -14,37 +15,143 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from .devices import validate_device
+from .errors import ContextDefinitionError
 
-#: Names appear in cache paths and ``dask-peer://<name>/`` URLs.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: Names appear in cache paths and ``dask-peer://<name>/`` URLs (matched whole, no trailing newline).
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+#: ``"package.module:function"`` (the function part may be dotted: ``"mod:Class.method"``).
+_IMPORT_RE = re.compile(rf"({_DOTTED}):({_DOTTED})")
 
 
-def _check_callable(value: Any, what: str, name: str) -> None:
+def check_name(name: Any) -> str:
+    """Return ``name`` if it is a valid context name, else raise :class:`ContextDefinitionError`."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ContextDefinitionError(
+            f"Context name must match {_NAME_RE.pattern} (letters, digits, "
+            f"'_', '.', '-'; at most 128 characters), got {name!r}"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ImportedCallable:
+    """A ``load``/``teardown`` given as ``"module:function"``, imported where it is called.
+
+    The module may exist only on the workers, so the client checks just the
+    form; the worker imports it on first use, and a failure there becomes a
+    :class:`~dask_pervasive.ContextLoadError` naming the import path.
+    """
+
+    spec: str
+
+    @property
+    def token(self) -> str:
+        # Same identity as the function itself (see _qualname): "module.function".
+        module, _, attr = self.spec.partition(":")
+        return f"{module}.{attr}"
+
+    def resolve(self) -> Callable[..., Any]:
+        """Import and return the callable (``ImportError``/``TypeError`` naming ``spec``)."""
+        module, _, attr = self.spec.partition(":")
+        try:
+            obj: Any = importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(
+                f"cannot import module {module!r} for {self.spec!r} on this process ({exc}); "
+                "install it on the workers or put it on their PYTHONPATH",
+                name=module,
+            ) from exc
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise ImportError(
+                    f"module {module!r} has no attribute {attr!r} (from {self.spec!r})", name=module
+                ) from None
+        if not callable(obj):
+            raise TypeError(f"{self.spec!r} is a {type(obj).__name__}, not a callable")
+        return obj
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+
+def _check_callable(value: Any, what: str, name: str) -> Callable[..., Any]:
+    if isinstance(value, str):
+        if _IMPORT_RE.fullmatch(value.strip()):
+            return ImportedCallable(value.strip())
+        raise ContextDefinitionError(
+            f"Context {name!r}: {what} must be callable or a 'module:function' string "
+            f"importable on the workers, got {value!r}",
+            name,
+        )
     if not callable(value):
-        raise TypeError(f"Context {name!r}: {what} must be callable, got {type(value).__name__}")
+        raise ContextDefinitionError(
+            f"Context {name!r}: {what} must be callable (or a 'module:function' string), got {type(value).__name__}",
+            name,
+        )
     try:
         cloudpickle.dumps(value)
     except Exception as exc:
-        raise TypeError(
+        raise ContextDefinitionError(
             f"Context {name!r}: {what}={value!r} cannot be pickled to send it to "
             f"workers ({type(exc).__name__}: {exc}); use a module-level function "
-            "importable on the workers"
+            "importable on the workers (or its 'module:function' name)",
+            name,
         ) from exc
+    return value
 
 
 def _check_source(source: str, storage_options: Mapping | None, name: str) -> None:
     if not isinstance(source, str) or not source.strip():
-        raise ValueError(f"Context {name!r}: source must be a non-empty URL string")
+        raise ContextDefinitionError(f"Context {name!r}: source must be a non-empty URL string", name)
     if storage_options is not None and not isinstance(storage_options, Mapping):
-        raise TypeError(f"Context {name!r}: storage_options must be a mapping")
+        raise ContextDefinitionError(
+            f"Context {name!r}: storage_options must be a mapping, got {type(storage_options).__name__}", name
+        )
+    if storage_options:
+        try:
+            cloudpickle.dumps(dict(storage_options))
+        except Exception as exc:
+            raise ContextDefinitionError(
+                f"Context {name!r}: storage_options cannot be pickled to send them to workers "
+                f"({type(exc).__name__}: {exc}); pass plain values (strings, numbers, "
+                "credentials) that the workers can use to open their own connections",
+                name,
+            ) from exc
     for part in source.split("::"):
         protocol, path = fsspec.core.split_protocol(part)
         if not path or not path.strip("/"):
-            raise ValueError(f"Context {name!r}: source {source!r} has no path")
+            raise ContextDefinitionError(f"Context {name!r}: source {source!r} has no path", name)
         try:
             fsspec.get_filesystem_class(protocol or "file")
         except (ValueError, ImportError) as exc:
-            raise ValueError(f"Context {name!r}: cannot read source {source!r}: {exc}") from exc
+            raise ContextDefinitionError(f"Context {name!r}: cannot read source {source!r}: {exc}", name) from exc
+
+
+def _check_nbytes(nbytes: Any, name: str) -> int | None:
+    if nbytes is None:
+        return None
+    try:
+        if isinstance(nbytes, bool):
+            raise TypeError("a bool is not a size")
+        if isinstance(nbytes, str):
+            value = parse_bytes(nbytes)
+        elif isinstance(nbytes, float):
+            if not nbytes.is_integer():
+                raise ValueError("a size in bytes must be a whole number")
+            value = int(nbytes)
+        else:
+            value = int(nbytes)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ContextDefinitionError(
+            f"Context {name!r}: bad nbytes {nbytes!r} ({exc}); give bytes as an int or a string like '2GiB'",
+            name,
+        ) from exc
+    if value <= 0:
+        raise ContextDefinitionError(f"Context {name!r}: nbytes must be positive, got {nbytes!r}", name)
+    return value
 
 
 class Context:
@@ -60,7 +167,9 @@ class Context:
         ``source`` on the worker (a file or directory), or ``None`` without a
         source; ``device`` is the resolved device (``"cpu"``, ``"cuda:0"``…).
         Must be picklable; a module-level function importable on workers is
-        best.
+        best. A ``"package.module:function"`` string is imported on the
+        worker when the context is first loaded (for modules installed only
+        there); a failed import there is a ``ContextLoadError`` naming it.
     source
         fsspec URL of the file or directory the context is built from.
         Copied into the worker's cache directory before ``load`` runs.
@@ -96,26 +205,19 @@ class Context:
         nbytes: int | str | None = None,
         teardown: Callable[[Any], None] | None = None,
     ) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(
-                f"Context name must match {_NAME_RE.pattern} (letters, digits, "
-                f"'_', '.', '-'; at most 128 characters), got {name!r}"
-            )
-        _check_callable(load, "load", name)
+        check_name(name)
+        load = _check_callable(load, "load", name)
         if teardown is not None:
-            _check_callable(teardown, "teardown", name)
+            teardown = _check_callable(teardown, "teardown", name)
         if source is not None:
             _check_source(source, storage_options, name)
         elif storage_options:
-            raise ValueError(f"Context {name!r}: storage_options given without source")
-        validate_device(device)
-        if nbytes is not None:
-            try:
-                nbytes = parse_bytes(nbytes) if isinstance(nbytes, str) else int(nbytes)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"Context {name!r}: bad nbytes {nbytes!r}") from exc
-            if nbytes <= 0:
-                raise ValueError(f"Context {name!r}: nbytes must be positive")
+            raise ContextDefinitionError(f"Context {name!r}: storage_options given without source", name)
+        try:
+            validate_device(device)
+        except ValueError as exc:
+            raise ContextDefinitionError(f"Context {name!r}: {exc}", name) from None
+        nbytes = _check_nbytes(nbytes, name)
         self.name = name
         self.load = load
         self.source = source
@@ -147,6 +249,20 @@ class Context:
     def __repr__(self) -> str:
         src = f", source={self.source!r}" if self.source else ""
         return f"{type(self).__name__}({self.name!r}{src}, device={self.device!r})"
+
+    def describe(self) -> str:
+        """Every field that makes the definition, for messages about conflicting definitions."""
+        parts = [repr(self.name), f"load={_qualname(self.load)}"]
+        if self.source is not None:
+            parts.append(f"source={self.source!r}")
+        if self.storage_options:
+            parts.append(f"storage_options=<{len(self.storage_options)} keys>")
+        parts.append(f"device={self.device!r}")
+        if self.nbytes is not None:
+            parts.append(f"nbytes={self.nbytes}")
+        if self.teardown is not None:
+            parts.append(f"teardown={_qualname(self.teardown)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 def _qualname(fn: Any) -> str | None:
@@ -286,12 +402,18 @@ class TransformersContext(Context):
         tokenizer: bool = True,
         model_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
+        check_name(name)
         if source is None:
-            raise ValueError(f"TransformersContext {name!r} needs a source")
+            raise ContextDefinitionError(f"TransformersContext {name!r} needs a source", name)
         if not isinstance(model_class, str) or not model_class.isidentifier():
-            raise ValueError(f"model_class must be a transformers class name, got {model_class!r}")
+            raise ContextDefinitionError(
+                f"TransformersContext {name!r}: model_class must be a transformers class name, got {model_class!r}",
+                name,
+            )
         if torch_dtype not in ("auto", "float32", "float16", "bfloat16", "float64"):
-            raise ValueError(f"unsupported torch_dtype {torch_dtype!r}")
+            raise ContextDefinitionError(f"TransformersContext {name!r}: unsupported torch_dtype {torch_dtype!r}", name)
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise ContextDefinitionError(f"TransformersContext {name!r}: model_kwargs must be a mapping", name)
         loader = TransformersLoader(
             model_class=model_class,
             torch_dtype=torch_dtype,

@@ -20,7 +20,7 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 def validate_device(device: str) -> str:
     """Return ``device`` if it is a valid device spec, else raise ``ValueError``."""
-    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return device
 
@@ -34,6 +34,43 @@ def cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices this process sees (0 without torch or CUDA)."""
+    if not cuda_available():
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def _device_index(device: str) -> int:
+    return int(device.partition(":")[2] or 0)
+
+
+def check_device_available(device: str, context: str = "") -> None:
+    """Raise :class:`~dask_pervasive.errors.DeviceUnavailableError` for a CUDA device this worker lacks.
+
+    ``device`` is a resolved device (``"cpu"`` or ``"cuda:N"``); only CUDA
+    devices are checked (which imports torch, as loading onto them will).
+    """
+    if not device.startswith("cuda"):
+        return
+    visible = cuda_device_count()
+    if _device_index(device) >= visible:
+        from .errors import DeviceUnavailableError
+
+        raise DeviceUnavailableError(context, device, visible)
+
+
+def is_device_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's out-of-memory error for an accelerator."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return oom is not None and isinstance(exc, oom)
 
 
 def resolve_device(device: str) -> str:
@@ -53,8 +90,8 @@ def resolve_device(device: str) -> str:
 
 
 def device_total_memory(device: str) -> int | None:
-    """Total memory in bytes of a CUDA device, ``None`` for the CPU."""
-    if not device.startswith("cuda"):
+    """Total memory in bytes of a CUDA device; ``None`` for the CPU or a device this worker lacks."""
+    if not device.startswith("cuda") or _device_index(device) >= cuda_device_count():
         return None
     import torch
 

@@ -169,7 +169,9 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         self._callback: PeriodicCallback | None = None
         self._background: set[asyncio.Task] = set()
         self._warned_no_worker_plugin = False
-        self._stale: set[str] = set()  # contexts with tasks whose restrictions need re-applying
+        self._stale: set[str] = set()  # contexts whose pending tasks all need their restrictions re-applied
+        self._fresh: dict[str, set] = defaultdict(set)  # context -> new keys not restricted yet
+        self._replan_soon = False  # a re-plan is scheduled for the next loop iteration
         self.transfer: SourceCoordinator | None = None  # who copies context files from whom
 
     # -- lifecycle -----------------------------------------------------------
@@ -222,6 +224,7 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         plan = self._plan_for(name)
         wc = self.warm[name].setdefault(worker, WorkerContext())
         previous_loads = wc.loads
+        previous_state = wc.state
         if msg["state"] in ("fetching", "loading") and wc.state not in ("fetching", "loading"):
             wc.loading_since = time.monotonic()
         wc.state = msg["state"]
@@ -235,11 +238,34 @@ class ContextSchedulerPlugin(SchedulerPlugin):
                 plan.fetch_seconds = _ewma(plan.fetch_seconds, msg.get("last_fetch_seconds", 0.0))
         elif wc.state == "failed":
             wc.failed_at = time.monotonic()
-            if len(plan.members) > 1:
+            if len(plan.members) > 1 and worker in plan.members:
                 plan.members.discard(worker)
-        elif wc.state == "evicted" and len(plan.members) > 1:
+                self._stale.add(name)  # its tasks are still restricted to the old set
+        elif wc.state == "evicted" and len(plan.members) > 1 and worker in plan.members:
             # Memory pressure pushed it out: stop sending its tasks there.
             plan.members.discard(worker)
+            self._stale.add(name)
+        if plan.pending and wc.state != previous_state and wc.state in ("resident", "failed", "evicted"):
+            # A worker just became warm (a free member, or the set can grow) or stopped being
+            # one: re-plan now rather than at the next tick, so queued tasks use it at once.
+            self._schedule_replan()
+
+    def _schedule_replan(self) -> None:
+        """Re-plan once on the next loop iteration (a burst of worker events costs one plan)."""
+        if self._replan_soon:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the scheduler's loop (tests)
+            self.replan(f"pervasive-state-{time.time()}")
+            return
+        self._replan_soon = True
+        loop.call_soon(self._replan_now)
+
+    def _replan_now(self) -> None:
+        self._replan_soon = False
+        if any(p.pending for p in self.plans.values()):
+            self.replan(f"pervasive-state-{time.time()}")
 
     def _plan_for(self, name: str) -> ContextPlan:
         plan = self.plans.get(name)
@@ -258,24 +284,41 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         **kwargs: Any,
     ) -> None:
         by_annotation = (annotations or {}).get("context", {})
+        bad_annotations: list = []
         found = False
         for key in tasks or ():
             ts = scheduler.tasks.get(key)
             if ts is None or ts.state not in _PLACEABLE:
                 continue
             name = by_annotation.get(key)
+            if name is not None and not isinstance(name, str):
+                # Ignored for placement (get_context() without a name fails in the task
+                # with ContextUsageError); never let it reach the plans.
+                bad_annotations.append((key, name))
+                name = None
             if name is None:
                 name = _find_context(ts.run_spec)
-            # Wrong types fail in the task (get_context raises TypeError); user
-            # restrictions win over ours.
+            # User restrictions win over ours.
             if not isinstance(name, str) or ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions:
                 continue
             self.task_context[key] = name
             self._plan_for(name).pending.add(key)
+            self._fresh[name].add(key)
             found = True
+        if bad_annotations:
+            key, value = bad_annotations[0]
+            logger.warning(
+                "pervasive: %d task(s) have a context annotation that is not a string (e.g. %r on %r); "
+                "ignored for placement, and get_context() without a name fails in them. "
+                "Use dask.annotate(context='<name>')",
+                len(bad_annotations),
+                value,
+                key,
+            )
         if found:
             self._check_worker_plugin(scheduler)
-            self.replan(stimulus_id or f"pervasive-update-graph-{time.time()}", new_tasks=True)
+            # Restricts the new tasks, and the older ones only of sets that changed.
+            self.replan(stimulus_id or f"pervasive-update-graph-{time.time()}")
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         name = self.task_context.get(key)
@@ -287,6 +330,9 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         elif finish == "forgotten":
             plan.pending.discard(key)
             del self.task_context[key]
+            fresh = self._fresh.get(name)
+            if fresh:
+                fresh.discard(key)
         elif key not in plan.pending and finish in ("waiting", "no-worker", "processing"):
             # Computed before, now again: its result was lost with a worker.
             plan.pending.add(key)
@@ -295,7 +341,8 @@ class ContextSchedulerPlugin(SchedulerPlugin):
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         # Fallback for tasks left without a valid worker (see remove_worker).
         if any(p.pending for p in self.plans.values()):
-            self.replan(f"pervasive-add-worker-{time.time()}", new_tasks=True)
+            self._mark_unrunnable()
+            self.replan(f"pervasive-add-worker-{time.time()}")
 
     def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
         if self.transfer is not None:
@@ -308,12 +355,24 @@ class ContextSchedulerPlugin(SchedulerPlugin):
             plan.members.discard(worker)
         if lost:
             scheduler.log_event(EVENT_TOPIC, {"action": "worker-lost", "worker": worker, "contexts": lost})
+            self._stale.update(lost)  # their tasks still name the dead worker
         if any(p.pending for p in self.plans.values()):
-            self.replan(stimulus_id, new_tasks=True)
+            # Dask already moved tasks restricted to it alone to no-worker: revive them.
+            self._mark_unrunnable()
+            self.replan(stimulus_id)
 
     def _tick(self) -> None:
         if any(p.pending for p in self.plans.values()):
-            self.replan(f"pervasive-tick-{time.time()}", new_tasks=bool(self._stale))
+            self._mark_unrunnable()  # safety net: nothing of ours stays in no-worker for long
+            self.replan(f"pervasive-tick-{time.time()}")
+
+    def _mark_unrunnable(self) -> None:
+        """Contexts with tasks Dask left without a valid worker get their set re-applied."""
+        assert self.scheduler is not None
+        for ts in self.scheduler.unrunnable:
+            name = self.task_context.get(ts.key)
+            if name is not None:
+                self._stale.add(name)
 
     def _check_worker_plugin(self, scheduler: Scheduler) -> None:
         # Workers set up by --preload have the plugin without it being in worker_plugins:
@@ -440,8 +499,10 @@ class ContextSchedulerPlugin(SchedulerPlugin):
     def replan(self, stimulus_id: str, new_tasks: bool = False) -> None:
         """Recompute affinity sets of contexts with pending tasks and apply them.
 
-        With ``new_tasks``, restrictions are (re)applied to every pending task
-        even where the sets did not change.
+        Restrictions are applied to all pending tasks of a context whose set
+        changed or that is marked stale (tasks recomputed, left in no-worker,
+        a member lost), otherwise only to its tasks not restricted yet; with
+        ``new_tasks``, to every pending task.
         """
         scheduler = self.scheduler
         if scheduler is None:
@@ -486,9 +547,12 @@ class ContextSchedulerPlugin(SchedulerPlugin):
             gain, plan, addr, now, then = best
             self._add_member(plan, addr, f"backlog finishes in {now:.1f}s, {then:.1f}s with {addr}")
         for plan in demand:
-            if new_tasks or plan.members != before[plan.name]:
+            if new_tasks or plan.name in self._stale or plan.members != before[plan.name]:
                 self._apply(plan, stimulus_id)
+            elif self._fresh.get(plan.name):
+                self._apply(plan, stimulus_id, self._fresh[plan.name])
         self._stale.clear()
+        self._fresh.clear()
 
     def _add_member(self, plan: ContextPlan, addr: str, reason: str) -> None:
         assert self.scheduler is not None
@@ -526,13 +590,13 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         except Exception as exc:  # noqa: BLE001 - the worker may have left; tasks still load on demand
             logger.info("pervasive: prewarm of %r on %s did not happen: %s", name, addr, exc)
 
-    def _apply(self, plan: ContextPlan, stimulus_id: str) -> None:
-        """Restrict pending tasks to the affinity set; revive those left without a worker."""
+    def _apply(self, plan: ContextPlan, stimulus_id: str, keys: Iterable | None = None) -> None:
+        """Restrict pending tasks (or just ``keys``) to the affinity set; revive those left without a worker."""
         assert self.scheduler is not None
         tasks = self.scheduler.tasks
         members = set(plan.members)
         recommendations = {}
-        for key in plan.pending:
+        for key in plan.pending if keys is None else keys:
             ts: TaskState | None = tasks.get(key)
             if ts is None or ts.state not in _PLACEABLE:
                 continue

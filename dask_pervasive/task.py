@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from distributed import get_worker
 
-from .errors import PervasiveError
+from .errors import ContextUsageError, PluginNotInstalledError
 from .worker import plugin_on
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,8 +40,14 @@ def get_context(name: str | None = None) -> Any:
         Fetching or loading failed on this worker (cause chained).
     ContextTooLargeError
         The context can never fit in this worker's budget.
-    PervasiveError
-        Called outside a worker task, or the worker plugin is missing.
+    ContextUsageError
+        Called outside a worker task, with a name that is not a string, or
+        without a name in a task that has no ``context`` annotation.
+    PluginNotInstalledError
+        The worker plugin is not installed on this worker.
+    BudgetExhaustedError
+        Contexts held by other running tasks left no room for this one
+        within ``pervasive.worker.budget-wait``.
 
     Examples
     --------
@@ -52,7 +58,7 @@ def get_context(name: str | None = None) -> Any:
     try:
         worker = get_worker()
     except ValueError:
-        raise PervasiveError(
+        raise ContextUsageError(
             "dask_pervasive.get_context() only works inside a task running on a Dask "
             "worker. (dask.array.map_blocks without meta= and xarray.map_blocks without "
             "template= call the function once on the client to infer its output: pass "
@@ -60,8 +66,10 @@ def get_context(name: str | None = None) -> Any:
         ) from None
     plugin = plugin_on(worker)
     if plugin is None:
-        raise PervasiveError(
-            f"ContextWorkerPlugin is not installed on worker {worker.address}: call "
+        what = f"context {name!r}" if name is not None else "the task's context"
+        raise PluginNotInstalledError(
+            f"ContextWorkerPlugin is not installed on worker {worker.address}, so {what} cannot "
+            "be loaded there (ContextSchedulerPlugin alone only places tasks): call "
             "dask_pervasive.install(client, contexts) or "
             "client.register_plugin(dask_pervasive.ContextWorkerPlugin(contexts))"
         )
@@ -70,12 +78,16 @@ def get_context(name: str | None = None) -> Any:
         ts = worker.state.tasks.get(key) if key is not None else None
         name = (ts.annotations or {}).get("context") if ts is not None else None
         if name is None:
-            raise PervasiveError(
+            raise ContextUsageError(
                 "get_context() without a name needs the task to be annotated: "
                 "wrap submission in dask.annotate(context='<name>') or pass the name"
             )
     if not isinstance(name, str):
-        raise TypeError(f"context name must be a string, got {type(name).__name__}: {name!r}")
+        raise ContextUsageError(
+            f"context name must be a string, got {type(name).__name__}: {name!r} "
+            "(from get_context(name) or the task's dask.annotate(context=...)); "
+            "use the name given to dask_pervasive.Context"
+        )
     assert plugin.cache is not None
     return plugin.cache.acquire(name, key)
 
@@ -95,11 +107,11 @@ def uses_context(name: str) -> Callable[[F], F]:
     >>> futures = client.map(verify, batches)  # doctest: +SKIP
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"uses_context() takes a context name, got {name!r}")
+        raise ContextUsageError(f"uses_context() takes a context name, got {name!r}")
 
     def decorator(func: F) -> F:
         if not callable(func):
-            raise TypeError(f"uses_context({name!r}) decorates a function, got {func!r}")
+            raise ContextUsageError(f"uses_context({name!r}) decorates a function, got {func!r}")
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -25,7 +25,9 @@ Four roles, each a small part of this module:
   context: peers first, origin as fallback, each file into a temporary name,
   verified against the sha256 manifest, then renamed; a failing or stalled
   peer is left and the copy resumes at the same byte offset from another
-  source. Without the scheduler plugin, workers read the origin directly.
+  source. Origin reads are bounded by ``pervasive.transfer.stall-timeout``
+  and retried with backoff (:func:`~dask_pervasive.files.read_origin_file`).
+  Without the scheduler plugin, workers read the origin directly.
 * :class:`PeerFileSystem`, fsspec protocol ``dask-peer``
   (``dask-peer://<context>/<relpath>``), reads the same files from inside any
   task.
@@ -33,8 +35,10 @@ Four roles, each a small part of this module:
 The manifest (relative path → size, sha256) is computed once, by the first
 worker that copies from the origin (:mod:`dask_pervasive.files` writes it
 last, so only complete copies have one). That worker hands it to the
-scheduler's coordinator, and every later copy is checked against it: file by
-file against its source's manifest, and as a whole against the coordinator's.
+scheduler's coordinator (trust on first use), and every later copy is
+checked against it: file by file against its source's manifest (or, read
+from the origin, against the coordinator's), and as a whole against the
+coordinator's. What is and is not protected: ``docs/security.md``.
 """
 
 from __future__ import annotations
@@ -63,17 +67,19 @@ from fsspec.spec import AbstractBufferedFile
 from .errors import TransferError
 from .files import (
     MANIFEST,
-    PART,
     FetchResult,
+    PartialFile,
+    RetryPolicy,
     cached_copy,
     fetch_source,
     list_source,
     local_path,
     manifest_digest,
-    open_for_copy,
+    matches,
     read_manifest,
+    read_origin_file,
+    remove_stale_parts,
     safe_relpath,
-    sha256_file,
     write_manifest,
 )
 
@@ -118,9 +124,10 @@ class ContextServer:
     Only files listed in the manifest of a complete copy of a declared
     context (or, while this worker copies it, files already verified) are
     served, resolved strictly inside that copy's directory:
-    ``..``, absolute paths, symlinks leading out of the directory, unlisted
-    files and unknown contexts are refused with a logged warning and a
-    :class:`~dask_pervasive.TransferError` to the caller.
+    ``..``, absolute paths, ``\\``, symlinks leading out of the directory,
+    unlisted files, unknown contexts and malformed ranges are refused with a
+    logged warning and a :class:`~dask_pervasive.TransferError` to the
+    caller. Reads are capped at ``chunk_size`` bytes.
     """
 
     def __init__(self, worker: Worker, cache: ContextCache, chunk_size: int) -> None:
@@ -129,6 +136,7 @@ class ContextServer:
         self.chunk_size = chunk_size
         #: copies in progress on this worker, by context: their verified files are served too
         self.in_progress: dict[str, _Receiver] = {}
+        self._capped: set[tuple[Any, Any]] = set()  #: (caller, context) told about the chunk cap
 
     def install(self) -> None:
         self.worker.handlers["pervasive_manifest"] = self.manifest
@@ -205,11 +213,24 @@ class ContextServer:
         try:
             dest, manifest = self._copy(context, token)
             full, _ = self._resolve(dest, manifest, path)
-            if not isinstance(offset, int) or offset < 0 or not (length is None or isinstance(length, int)):
+            if not _is_count(offset) or not (length is None or (_is_count(length) and length > 0)):
                 raise LookupError(f"bad range offset={offset!r} length={length!r}")
         except LookupError as exc:
             raise self._refuse(caller, context, path, str(exc)) from None
-        n = self.chunk_size if length is None else max(0, min(length, self.chunk_size))
+        if length is not None and length > self.chunk_size and (caller, context) not in self._capped:
+            # Served, capped: a peer configured with a larger chunk-size re-plans from the short
+            # reply; logged once per caller and context.
+            self._capped.add((caller, context))
+            logger.warning(
+                "pervasive: worker %s capped a read of %r / %r by %s at chunk-size %d bytes (asked %d)",
+                self.worker.address,
+                context,
+                path,
+                caller or "?",
+                self.chunk_size,
+                length,
+            )
+        n = self.chunk_size if length is None else min(length, self.chunk_size)
         with open(full, "rb") as f:
             f.seek(offset)
             return f.read(n)
@@ -386,8 +407,10 @@ class SourceCoordinator:
         """Handler ``pervasive_acquire_source``.
 
         Returns ``{"source": <peer address> | "origin" | "wait", "lease":
-        id | None, "digest": manifest digest | None}``; with ``wait``, holds
-        the request up to that many seconds for a source to become free.
+        id | None, "digest": manifest digest | None}`` (plus ``"manifest"``,
+        the reference, when the source is the origin and one is known); with
+        ``wait``, holds the request up to that many seconds for a source to
+        become free.
         """
         exclude = set(exclude or ())
         deadline = time.monotonic() + float(wait or 0)
@@ -397,12 +420,20 @@ class SourceCoordinator:
             self.release(old.id)
         while True:
             changed = self._changed
+            # A receiver that died while it waited (remove_worker already ran) would hold
+            # the slot forever: nobody is left to release it.
+            if worker not in self.scheduler.workers:
+                return {"source": WAIT, "lease": None, "digest": None}
             source = self._choose(context, worker, exclude)
             if source != WAIT:
                 lease = self._lease(context, worker, source)
                 known = self.manifests.get(context)
-                digest = known[1] if known is not None and (token is None or known[0] in (None, token)) else None
-                return {"source": source, "lease": lease.id, "digest": digest}
+                if known is None or (token is not None and known[0] not in (None, token)):
+                    return {"source": source, "lease": lease.id, "digest": None}
+                reply = {"source": source, "lease": lease.id, "digest": known[1]}
+                if source == ORIGIN:  # so each file read from the origin is checked as it arrives
+                    reply["manifest"] = known[2]
+                return reply
             left = deadline - time.monotonic()
             if left <= 0:
                 return {"source": WAIT, "lease": None, "digest": None}
@@ -437,11 +468,16 @@ class SourceCoordinator:
         if ok:
             self.complete[entry.context].add(entry.receiver)
             if manifest is not None and entry.context not in self.manifests:
+                # Trust on first use: the first complete copy defines the context's files.
                 try:
-                    self.manifests[entry.context] = (token, manifest_digest(manifest), manifest)
-                except (KeyError, TypeError, ValueError):
+                    checked = _check_manifest(manifest)
+                    if checked["partial"]:
+                        raise TransferError("partial manifest")
+                    reference = {"is_file": checked["is_file"], "files": checked["files"]}
+                    self.manifests[entry.context] = (token, manifest_digest(reference), reference)
+                except (TransferError, KeyError, TypeError, ValueError) as exc:
                     logger.warning(
-                        "pervasive: ignoring malformed manifest of %r from %s", entry.context, entry.receiver
+                        "pervasive: ignoring malformed manifest of %r from %s: %s", entry.context, entry.receiver, exc
                     )
         if failed and entry.source != ORIGIN:
             self.cooling[entry.source] = time.monotonic() + _FAILED_HOLDER_COOLDOWN
@@ -476,46 +512,11 @@ class SourceCoordinator:
 
 
 # -- copying (worker side) -----------------------------------------------------------
-class _Partial:
-    """A file being received: temporary name, bytes so far, running sha256."""
-
-    def __init__(self, final: str) -> None:
-        self.final = final
-        self.tmp = f"{final}{PART}{uuid.uuid4().hex}"
-        os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
-        self.fh = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit/discard
-        self.hasher = hashlib.sha256()
-        self.offset = 0
-        self.sources: set[str] = set()
-
-    def absorb(self, data: bytes) -> None:
-        self.fh.write(data)
-        self.hasher.update(data)
-        self.offset += len(data)
-
-    def commit(self, sha256: str | None) -> bool:
-        """Rename into place if the content hashes to ``sha256`` (any, if ``None``)."""
-        self.fh.close()
-        if sha256 is not None and self.hasher.hexdigest() != sha256:
-            self.discard()
-            return False
-        os.replace(self.tmp, self.final)
-        return True
-
-    def discard(self) -> None:
-        self.fh.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+_HEX = frozenset("0123456789abcdef")
 
 
-def _matches(path: str, meta: dict, chunk_size: int) -> bool:
-    """Whether ``path`` already holds exactly the bytes ``meta`` describes."""
-    try:
-        if os.path.getsize(path) != meta["size"]:
-            return False
-    except OSError:
-        return False
-    return sha256_file(path, chunk_size) == meta["sha256"]
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _safe_name(rel: Any) -> bool:
@@ -542,7 +543,7 @@ def _check_manifest(manifest: Any) -> dict:
         if not _safe_name(rel) or not isinstance(meta, Mapping):
             raise _Corrupt(f"unsafe or malformed manifest entry {rel!r}")
         size, sha = meta.get("size"), meta.get("sha256")
-        if not isinstance(size, int) or size < 0 or not isinstance(sha, str) or len(sha) != 64:
+        if not _is_count(size) or not isinstance(sha, str) or len(sha) != 64 or not _HEX.issuperset(sha):
             raise _Corrupt(f"malformed manifest entry {rel!r}")
         files[rel] = {"size": size, "sha256": sha}
     expected = manifest.get("expected") if partial else None
@@ -550,12 +551,16 @@ def _check_manifest(manifest: Any) -> dict:
         raise _Corrupt("malformed list of files")
     is_file = manifest.get("is_file")
     received = manifest.get("received")
+    if is_file is not None and not isinstance(is_file, bool):
+        raise _Corrupt("malformed manifest: is_file is not a bool")
+    if not partial and is_file and len(files) != 1:
+        raise _Corrupt("malformed manifest: a single-file context with several files")
     return {
         "is_file": None if partial and is_file is None else bool(is_file),
         "files": files,
         "partial": partial,
         "expected": list(expected) if expected is not None else None,
-        "received": received if isinstance(received, int) else 0,
+        "received": received if _is_count(received) else 0,
     }
 
 
@@ -640,6 +645,7 @@ class _Receiver:
         chunk_size: int,
         timeout: float,
         server: ContextServer | None = None,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.worker = worker
         self.context = context
@@ -647,11 +653,16 @@ class _Receiver:
         self.chunk_size = chunk_size
         self.timeout = timeout
         self.server = server
+        #: how origin reads are bounded and retried
+        self.policy = policy if policy is not None else RetryPolicy.from_config(stall_timeout=timeout)
         self.expected: set[str] | None = None  #: every file of the context, once a source said
+        #: whether ``expected``/``known`` come from the scheduler's reference manifest (else: from
+        #: sources not yet checked against one, forgotten when one of them turns out to be bad)
+        self.trusted = False
         self.is_file: bool | None = None
         self.known: dict[str, dict] = {}  #: size and sha256 of files, from a source's manifest or computed
         self.done: set[str] = set()  #: files verified and in place
-        self.partials: dict[str, _Partial] = {}
+        self.partials: dict[str, PartialFile] = {}
         self.bytes = {"peers": 0, "origin": 0}
         self.used: list[str] = []
         #: what :meth:`progress` serves; replaced, never mutated (read from server threads)
@@ -684,16 +695,22 @@ class _Receiver:
         return {"is_file": bool(self.is_file), "files": {r: self.known[r] for r in sorted(self.expected)}}
 
     def _restart(self) -> None:
-        """Forget what sources said (they disagree with the reference); files on disk are re-checked."""
+        """Forget what sources said (they disagree with the reference, or lied); files on disk
+        are re-checked, files in progress dropped."""
         self.expected = self.is_file = None
+        self.trusted = False
         self.known.clear()
         self.done.clear()
+        for partial in self.partials.values():
+            partial.discard()
+        self.partials.clear()
         self._publish()
 
     # -- driver --------------------------------------------------------------------
     async def run(self) -> FetchResult:
         start = time.perf_counter()
         await asyncio.to_thread(os.makedirs, self.dest, exist_ok=True)
+        await asyncio.to_thread(remove_stale_parts, self.dest)  # left by a killed worker
         if self.server is not None:
             self.server.in_progress[self.context.name] = self
         try:
@@ -739,7 +756,7 @@ class _Receiver:
             try:
                 self.used.append(source)
                 if source == ORIGIN:
-                    await self._from_origin()
+                    await self._from_origin(reply.get("manifest"))
                 else:
                     await self._from_peer(source, reply.get("digest"))
                 manifest = await self._checked_manifest(reply.get("digest"), source)
@@ -749,6 +766,8 @@ class _Receiver:
             except _Corrupt as exc:
                 if source == ORIGIN:
                     raise
+                if not self.trusted:  # what it told us about the other files is worthless too
+                    self._restart()
                 bad = True
                 exclude.add(source)
                 failures.append(f"{source}: {exc}")
@@ -791,14 +810,40 @@ class _Receiver:
         return manifest
 
     # -- sources ---------------------------------------------------------------------
+    def _adopt(self, reference: dict) -> None:
+        """Take a manifest that matches the scheduler's reference as the truth; what
+        unchecked sources said is forgotten if it disagrees."""
+        files = reference["files"]
+        consistent = (
+            (self.expected is None or self.expected == set(files))
+            and self.is_file in (None, reference["is_file"])
+            and all(self.known.get(rel, meta) == meta for rel, meta in files.items())
+        )
+        if not consistent:
+            logger.warning(
+                "pervasive: %s: earlier sources of %r disagree with the scheduler's manifest; starting over",
+                self.worker.address,
+                self.context.name,
+            )
+            self._restart()
+        self.expected, self.is_file = set(files), reference["is_file"]
+        self.known.update(files)
+        self.trusted = True
+        self._publish()
+
     def _merge(self, manifest: dict, peer: str, digest: str | None) -> None:
         """Learn file metadata from a peer's (partial) manifest; inconsistent metadata is corrupt."""
         if not manifest["partial"]:
             if digest is not None and manifest_digest(manifest) != digest:
                 raise _Corrupt(f"the manifest of {peer} differs from the one the scheduler holds")
             expected = set(manifest["files"])
+            trusted = digest is not None
         else:
             expected = set(manifest["expected"]) if manifest["expected"] is not None else None
+            trusted = False
+        if trusted and not self.trusted:
+            self._adopt(manifest)
+            return
         if expected is not None:
             if self.expected is not None and expected != self.expected:
                 raise _Corrupt(f"{peer} lists other files than an earlier source")
@@ -869,61 +914,76 @@ class _Receiver:
             raise _Corrupt(f"{rel!r} received from {sorted(partial.sources)} does not match its sha256")
         self._file_done(rel)
 
-    async def _partial(self, rel: str, meta: dict | None) -> _Partial | None:
+    async def _partial(self, rel: str, meta: dict | None) -> PartialFile | None:
         """The file in progress for ``rel``; ``None`` when a verified copy is already in place."""
         partial = self.partials.get(rel)
         if partial is not None:
             return partial
         final = os.path.join(self.dest, *rel.split("/"))
-        if meta is not None and await asyncio.to_thread(_matches, final, meta, self.chunk_size):
+        if meta is not None and await asyncio.to_thread(matches, final, meta, self.chunk_size):
             self._file_done(rel)  # left by an earlier, interrupted copy
             return None
-        partial = self.partials[rel] = await asyncio.to_thread(_Partial, final)
+        partial = self.partials[rel] = await asyncio.to_thread(PartialFile, final)
         return partial
 
-    async def _from_origin(self) -> None:
+    async def _from_origin(self, reference: Any = None) -> None:
+        """Copy what is missing from the origin: bounded, retried, each file checked against
+        the reference manifest when the coordinator has one (else the first read defines it)."""
         ctx = self.context
-        fs, _, files, is_file = await asyncio.to_thread(list_source, ctx.source, dict(ctx.storage_options or {}))
-        if (self.expected is not None and set(files) != self.expected) or self.is_file not in (None, is_file):
-            raise TransferError(
-                f"the origin {ctx.source} of context {ctx.name!r} no longer lists the files other workers "
-                "copied from it; restart the workers holding the old copy or rename the context"
+        if reference is not None:
+            try:
+                reference = _check_manifest(reference)
+            except TransferError:
+                reference = None  # the coordinator validated it when it trusted it; be safe anyway
+        if reference is not None and not reference["partial"]:
+            self._adopt(reference)
+        listing = await asyncio.to_thread(list_source, ctx.source, dict(ctx.storage_options or {}), self.policy)
+        if (self.expected is not None and set(listing.files) != self.expected) or self.is_file not in (
+            None,
+            listing.is_file,
+        ):
+            if self.trusted:
+                raise TransferError(
+                    f"the origin {ctx.source} of context {ctx.name!r} no longer lists the files other workers "
+                    "copied from it; restart the workers holding the old copy or rename the context"
+                )
+            # Only unchecked peers said otherwise (no reference yet): the origin is the authority.
+            logger.warning(
+                "pervasive: %s: the origin of %r lists other files than the peers it copied from said; "
+                "starting over from the origin",
+                self.worker.address,
+                ctx.name,
             )
-        self.expected, self.is_file = set(files), bool(is_file)
+            self._restart()
+        self.expected, self.is_file = set(listing.files), bool(listing.is_file)
         self._publish()
-        for rel, remote in files.items():
+
+        def count(n: int) -> None:
+            self.bytes["origin"] += n
+
+        for rel, remote in listing.files.items():
             if rel in self.done:
                 continue
-            meta = self.known.get(rel)  # from an earlier source's manifest, when there was one
-            for attempt in (1, 2):
-                partial = await self._partial(rel, meta)
-                if partial is None:
-                    break
-                partial.sources.add(ORIGIN)
-                await asyncio.to_thread(self._copy_from_origin, fs, remote, partial)
-                got = {"size": partial.offset, "sha256": partial.hasher.hexdigest()}
-                del self.partials[rel]
-                if meta is None or got == meta:
-                    await asyncio.to_thread(partial.commit, None)
-                    self.known[rel] = got
-                    self._file_done(rel)
-                    break
-                await asyncio.to_thread(partial.discard)
-                if partial.sources == {ORIGIN} or attempt == 2:
-                    raise TransferError(
-                        f"{rel!r} of context {ctx.name!r} read from the origin {ctx.source} does not match the "
-                        "manifest other workers hold (the origin changed?)"
-                    )
-                # Bytes from a peer before the origin resumed were bad: read it all from the origin.
-
-    def _copy_from_origin(self, fs: fsspec.AbstractFileSystem, remote: str, partial: _Partial) -> None:
-        """Append the rest of ``remote`` (from ``partial.offset``) to ``partial`` (in a thread)."""
-        with open_for_copy(fs, remote, self.chunk_size) as src:
-            if partial.offset:
-                src.seek(partial.offset)
-            while chunk := src.read(self.chunk_size):
-                partial.absorb(chunk)
-                self.bytes["origin"] += len(chunk)
+            meta = self.known.get(rel)  # from the reference or an earlier source's manifest
+            partial = await self._partial(rel, meta)
+            if partial is None:
+                continue
+            got = await asyncio.to_thread(
+                read_origin_file,
+                listing.fs,
+                remote,
+                partial,
+                self.chunk_size,
+                self.policy,
+                size=listing.sizes.get(rel),
+                expected=meta,
+                on_bytes=count,
+                what=f"reading {rel!r} of context {ctx.name!r} from its origin {ctx.source}",
+            )
+            del self.partials[rel]
+            await asyncio.to_thread(partial.commit, None)
+            self.known[rel] = got
+            self._file_done(rel)
 
 
 async def coordinator_available(worker: Worker) -> bool:
@@ -955,11 +1015,12 @@ async def fetch_context(
     cached = await asyncio.to_thread(cached_copy, context.source, dest, chunk_size, verify)
     if cached is not None:
         return cached
+    policy = RetryPolicy.from_config(stall_timeout=timeout)
     if not peers or not await coordinator_available(worker):
         return await asyncio.to_thread(
-            fetch_source, context.source, dict(context.storage_options or {}), dest, chunk_size, verify
+            fetch_source, context.source, dict(context.storage_options or {}), dest, chunk_size, verify, policy
         )
-    return await _Receiver(worker, context, dest, chunk_size, timeout, server).run()
+    return await _Receiver(worker, context, dest, chunk_size, timeout, server, policy).run()
 
 
 def peer_fetcher(
@@ -1007,7 +1068,9 @@ class PeerFileSystem(AsyncFileSystem):
     :class:`SourceCoordinator`, or the ``peers`` given), over Dask's comms,
     in ``pervasive.transfer.chunk-size`` pieces; a failing peer is replaced
     by the next one at the same offset. Whole-file reads (``cat_file``
-    without range, ``get_file``) are checked against the manifest's sha256.
+    without range, ``get_file``) are checked against the manifest's sha256;
+    ranged reads (and ``open(...).read(n)``) are not, and reads do not take
+    the coordinator's upload slots (see ``docs/security.md``).
 
     Parameters
     ----------
@@ -1215,9 +1278,9 @@ class PeerFileSystem(AsyncFileSystem):
         errors: list[str] = []
         for i in range(len(peers)):
             # temporary name next to lpath, renamed once the sha256 matches
-            partial = await asyncio.to_thread(_Partial, os.fspath(lpath))
+            partial = await asyncio.to_thread(PartialFile, os.fspath(lpath))
 
-            async def absorb(data: bytes, partial: _Partial = partial) -> None:
+            async def absorb(data: bytes, partial: PartialFile = partial) -> None:
                 await asyncio.to_thread(partial.absorb, data)
                 callback.relative_update(len(data))
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
 import dask.config
 from dask.utils import parse_bytes, parse_timedelta
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -16,6 +18,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .cache import ContextCache, ContextEntry
 from .context import Context
 from .devices import device_total_memory
+from .errors import ConfigurationError, ContextDefinitionError
 from .files import remove_stale_parts
 from .metrics import HEARTBEAT_KEY, worker_heartbeat_metrics
 from .transfer import ContextServer, peer_fetcher
@@ -31,40 +34,114 @@ EVENT_TOPIC = "pervasive"
 _PENDING_ATTR = "_pervasive_pending_contexts"
 
 
+_UNLIMITED = ("", "none", "null", "unlimited")
+
+
 def resolve_budget(value: Any, total: int | None) -> int | None:
     """Turn a budget setting into bytes.
 
     ``None``/``"none"``/``"unlimited"`` → no limit; a float in (0, 1] → that
-    fraction of ``total`` (no limit when ``total`` is unknown); ``"8GiB"`` or
-    an int → bytes.
+    fraction of ``total`` (no limit when ``total`` is unknown); ``"8GiB"``, a
+    positive int or a whole float (``8e9``) → bytes. A numeric string is read
+    as the number.
+
+    Raises
+    ------
+    ConfigurationError
+        Anything else: negative or zero sizes, fractions above 1 that are not
+        whole byte counts (``1.5``), ``nan``/``inf``, booleans, other types.
     """
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "unlimited")):
+    try:
+        return _resolve_budget(value, total)
+    except ConfigurationError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ConfigurationError(f"invalid memory budget {value!r}: {exc}") from exc
+
+
+def _resolve_budget(value: Any, total: int | None) -> int | None:
+    if value is None:
         return None
-    if isinstance(value, float) and 0 < value <= 1:
-        return int(value * total) if total else None
     if isinstance(value, str):
-        return parse_bytes(value)
-    if isinstance(value, (int, float)) and value > 0:
+        text = value.strip()
+        if text.lower() in _UNLIMITED:
+            return None
+        try:
+            value = float(text)  # "0.5", "8e9": a number given as text (environment variables)
+        except ValueError:
+            nbytes = parse_bytes(text)
+            if nbytes <= 0:
+                raise ConfigurationError(f"invalid memory budget {value!r}: must be positive") from None
+            return int(nbytes)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"invalid memory budget {value!r}: expected bytes, a fraction or None")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigurationError(f"invalid memory budget {value!r}: must be a positive finite number")
+        if value <= 1:
+            return int(value * total) if total else None
+        if not value.is_integer():
+            raise ConfigurationError(
+                f"invalid memory budget {value!r}: a fraction must be in (0, 1]; give bytes as a whole number"
+            )
         return int(value)
-    raise ValueError(f"invalid memory budget {value!r}")
+    if value <= 0:
+        raise ConfigurationError(f"invalid memory budget {value!r}: must be positive")
+    return int(value)
 
 
 def _check_budget_setting(value: Any, what: str) -> Any:
     try:
         resolve_budget(value, 1)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{what} must be bytes, a fraction in (0, 1] or None, got {value!r}") from exc
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"{what} must be bytes ('8GiB' or a positive int), a fraction in (0, 1] or None/'unlimited', got {value!r}",
+            what,
+        ) from exc
     return value
 
 
-def _check_contexts(contexts: Iterable[Context]) -> list[Context]:
+def _seconds_setting(value: Any, key: str) -> float:
+    """A duration setting (``"30s"``, ``2``) in seconds, ≥ 0."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError("a bool is not a duration")
+        seconds = parse_timedelta(value)
+        if seconds is None or not math.isfinite(seconds) or seconds < 0:
+            raise ValueError("must be a non-negative duration")
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ConfigurationError(
+            f"{key} must be a duration such as '30s' or a number of seconds, got {value!r} ({exc})", key
+        ) from exc
+    return float(seconds)
+
+
+def _check_contexts(contexts: Iterable[Context] | Context) -> list[Context]:
+    if isinstance(contexts, Context):
+        contexts = [contexts]
+    elif isinstance(contexts, (str, bytes)) or not isinstance(contexts, Iterable):
+        raise ContextDefinitionError(
+            f"expected a list of dask_pervasive.Context objects, got {type(contexts).__name__}: {contexts!r}"
+        )
     contexts = list(contexts)
     names: dict[str, Context] = {}
     for c in contexts:
         if not isinstance(c, Context):
-            raise TypeError(f"expected dask_pervasive.Context objects, got {type(c).__name__}: {c!r}")
+            raise ContextDefinitionError(f"expected dask_pervasive.Context objects, got {type(c).__name__}: {c!r}")
         if c.name in names and names[c.name] != c:
-            raise ValueError(f"two different contexts are named {c.name!r}")
+            raise ContextDefinitionError(
+                f"two different contexts are named {c.name!r}: {names[c.name].describe()} and {c.describe()}; "
+                "give them different names",
+                c.name,
+            )
+        try:  # fields may have been changed since the Context was validated
+            cloudpickle.dumps(c)
+        except Exception as exc:
+            raise ContextDefinitionError(
+                f"Context {c.name!r} cannot be pickled to send it to workers ({type(exc).__name__}: {exc}); "
+                "its load/teardown and storage_options must be picklable",
+                c.name,
+            ) from exc
         names[c.name] = c
     return list(names.values())
 
@@ -92,6 +169,18 @@ class ContextWorkerPlugin(WorkerPlugin):
         Where context files are copied. ``None`` reads
         ``pervasive.worker.cache-dir``; when that is unset, a ``pervasive``
         folder in the worker's local directory.
+
+    ``pervasive.worker.retry-failed-after`` and ``pervasive.worker.budget-wait``
+    (how long a load waits for contexts in use to make room before failing with
+    :class:`~dask_pervasive.BudgetExhaustedError`) are read from the config.
+
+    Raises
+    ------
+    ConfigurationError
+        A budget or duration setting is invalid (raised on the client).
+    ContextDefinitionError
+        ``contexts`` holds something else than Contexts, two different
+        contexts with one name, or one that cannot be pickled.
 
     Examples
     --------
@@ -121,7 +210,12 @@ class ContextWorkerPlugin(WorkerPlugin):
             "device_max_bytes",
         )
         self.cache_dir = cache_dir if cache_dir is not None else dask.config.get("pervasive.worker.cache-dir")
-        self.retry_failed_after = parse_timedelta(dask.config.get("pervasive.worker.retry-failed-after"))
+        self.retry_failed_after = _seconds_setting(
+            dask.config.get("pervasive.worker.retry-failed-after"), "pervasive.worker.retry-failed-after"
+        )
+        self.budget_wait = _seconds_setting(
+            dask.config.get("pervasive.worker.budget-wait", 60.0), "pervasive.worker.budget-wait"
+        )
         self.chunk_size = parse_bytes(dask.config.get("pervasive.transfer.chunk-size"))
         self.verify = bool(dask.config.get("pervasive.transfer.verify"))
         self.peer_transfer = bool(dask.config.get("pervasive.transfer.peers"))
@@ -146,6 +240,7 @@ class ContextWorkerPlugin(WorkerPlugin):
             max_bytes=resolve_budget(self.max_bytes, memory_limit),
             device_max_bytes=self._device_budget,
             retry_failed_after=self.retry_failed_after,
+            budget_wait=self.budget_wait,
             chunk_size=self.chunk_size,
             verify=self.verify,
             on_change=self._publish,
@@ -293,8 +388,7 @@ class ContextDeclaration(WorkerPlugin):
     idempotent = False
 
     def __init__(self, context: Context) -> None:
-        if not isinstance(context, Context):
-            raise TypeError(f"expected a dask_pervasive.Context, got {type(context).__name__}")
+        (context,) = _check_contexts([context])
         self.context = context
         self.name = f"{PLUGIN_NAME}-context-{context.name}"
 

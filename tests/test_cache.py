@@ -99,14 +99,18 @@ def test_both_fit_no_eviction(tmp_path):
 
 
 def test_in_use_context_is_not_evicted_until_released(tmp_path):
-    cache = make_cache(tmp_path, max_bytes=150)
+    cache = make_cache(tmp_path, max_bytes=150, budget_wait=30)
     cache.declare(dp.Context("a", load=Counter(), nbytes=100, device="cpu"))
     cache.declare(dp.Context("b", load=Counter(), nbytes=100, device="cpu"))
     cache.acquire("a", key="t1")
-    cache.acquire("b", key="t2")  # over budget, but "a" is held by t1
+    # "b" does not fit while t1 holds "a": its load waits for the release (budget-wait)
+    loader = threading.Thread(target=cache.acquire, args=("b", "t2"))
+    loader.start()
+    time.sleep(0.2)
     states = {r["context"]: r["state"] for r in cache.snapshot()}
-    assert states == {"a": "resident", "b": "resident"}
+    assert states == {"a": "resident", "b": "loading"}
     cache.release("t1")
+    loader.join(10)
     states = {r["context"]: r["state"] for r in cache.snapshot()}
     assert states == {"a": "evicted", "b": "resident"}
     with pytest.raises(RuntimeError, match="in use"):

@@ -1,4 +1,4 @@
-"""Peer-to-peer context transfer: cohorts, corruption, failures, refusals, TLS, fsspec."""
+"""Peer-to-peer context transfer: cohorts, corruption, failures, fsspec (refusals, TLS: tests/faults)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from distributed.security import Security
 from distributed.utils_test import captured_logger, gen_cluster
 
 import dask_pervasive as dp
@@ -193,7 +192,11 @@ async def test_holder_failing_mid_transfer_resumes_elsewhere(c, s, a, b, w3, htt
     assert not list(copy_dir(b).rglob(f"*{PART}*"))
 
 
-@gen_cluster(client=True, nthreads=[("", 1)] * 2, config=SMALL_CHUNKS)
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 2,
+    config={**SMALL_CHUNKS, "pervasive.transfer.retries": 1, "pervasive.transfer.retry-backoff": "50ms"},
+)
 async def test_failed_copy_leaves_nothing_trusted(c, s, a, b, http_origin):
     make_model(http_origin, sizes=(300_000,))
     await dp.install(c, [model_context(http_origin)])
@@ -216,53 +219,7 @@ async def test_failed_copy_leaves_nothing_trusted(c, s, a, b, http_origin):
     assert transfer.origin_active == 0 and not transfer.leases
 
 
-@gen_cluster(client=True, nthreads=[("", 1)] * 2, config=SMALL_CHUNKS)
-async def test_server_refuses_anything_but_listed_files(c, s, a, b, http_origin, tmp_path):
-    make_model(http_origin)
-    ctx = model_context(http_origin)
-    await dp.install(c, [ctx, dp.Context("cold", load=load_digests, source=http_origin.url("model/"))])
-    await dp.prewarm(c, "m", workers=[a.address], progress=False)
-    rpc = b.rpc(a.address)
-    assert len(await rpc.pervasive_read(context="m", path="w0.bin", offset=0, length=10)) == 10
-    secret = tmp_path / "secret.txt"
-    secret.write_text("do not serve")
-    link = copy_dir(a) / "sub" / "config.json"
-    link.unlink()
-    link.symlink_to(secret)
-    bad = [
-        ({"context": "m", "path": "../../../../etc/passwd"}, "traversal"),
-        ({"context": "m", "path": "sub/../w0.bin"}, "traversal"),
-        ({"context": "m", "path": "/etc/passwd"}, "absolute"),
-        ({"context": "m", "path": str(secret)}, "absolute"),
-        ({"context": "m", "path": "nope.bin"}, "not a file of this context"),
-        ({"context": "m", "path": MANIFEST}, "not a file of this context"),
-        ({"context": "m", "path": "sub/config.json"}, "outside"),
-        ({"context": "nope", "path": "w0.bin"}, "unknown context"),
-        ({"context": "cold", "path": "w0.bin"}, "no complete copy"),
-        ({"context": "m", "path": "w0.bin", "token": "other"}, "different definition"),
-        ({"context": "m", "path": "w0.bin", "offset": -1}, "bad range"),
-    ]
-    for kwargs, why in bad:
-        with captured_logger("dask_pervasive.transfer") as log, pytest.raises(dp.TransferError, match=why):
-            await rpc.pervasive_read(**{"offset": 0, "length": 10, **kwargs})
-        assert "refused" in log.getvalue() and a.address in log.getvalue()
-    with pytest.raises(dp.TransferError, match="unknown context"):
-        await rpc.pervasive_manifest(context="nope")
-    # chunks are capped at chunk-size whatever the caller asks
-    assert len(await rpc.pervasive_read(context="m", path="w0.bin", offset=0, length=10**9)) == 32 * 2**10
-
-
-@gen_cluster(client=True, nthreads=[("", 1)] * 3, security=Security.temporary(), config=SMALL_CHUNKS)
-async def test_transfer_over_tls(c, s, a, b, w3, http_origin):
-    files = make_model(http_origin)
-    size = sum(map(len, files.values()))
-    assert a.address.startswith("tls://")
-    await dp.install(c, [model_context(http_origin)])
-    await dp.prewarm(c, "m", progress=False)
-    rows = await rows_by_worker(c)
-    assert sum(r["bytes_from_peers"] for r in rows.values()) == 2 * size
-    assert http_origin.bytes_served == size
-    assert await c.submit(dp.get_context, "m", workers=[b.address]) == digests(files)
+# Refusals (traversal, symlinks, unlisted files, ranges) and TLS: tests/faults/test_fault_security.py
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 3, config=SMALL_CHUNKS)
