@@ -6,13 +6,13 @@ import asyncio
 import hashlib
 import json
 import os
-import random
 import types
 from pathlib import Path
 
 import fsspec
 import pytest
 from distributed.utils_test import captured_logger, gen_cluster
+from transfer_helpers import digests, fake_scheduler, load_digests, write_model
 
 import dask_pervasive as dp
 from dask_pervasive.files import MANIFEST, PART
@@ -23,31 +23,7 @@ SMALL_CHUNKS = {"pervasive.transfer.chunk-size": "32KiB"}
 
 def make_model(origin, name: str = "model", sizes=(200_000, 120_000), seed: int = 0) -> dict[str, bytes]:
     """Random files (and a nested config) in the origin's ``name/`` directory."""
-    rng = random.Random(seed)
-    files = {f"w{i}.bin": rng.randbytes(n) for i, n in enumerate(sizes)}
-    files["sub/config.json"] = b'{"layers": 2}'
-    for rel, data in files.items():
-        p = Path(origin.directory, name, rel)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return files
-
-
-def digests(files: dict[str, bytes]) -> dict[str, str]:
-    return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
-
-
-def load_digests(path, device):
-    """The loader: sha256 of every file it was given (what a model would read)."""
-    out = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            if n == MANIFEST or PART in n:
-                continue
-            p = os.path.join(root, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, path).replace(os.sep, "/")] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    return write_model(origin.directory, name, sizes, seed)
 
 
 def load_file_digest(path, device):
@@ -325,16 +301,6 @@ def test_entry_point_declared():
 
 
 # -- the coordinator alone -------------------------------------------------------------------
-def fake_scheduler(*workers: str) -> types.SimpleNamespace:
-    return types.SimpleNamespace(
-        workers=dict.fromkeys(workers),
-        handlers={},
-        task_metadata={},
-        set_metadata=lambda keys, value: None,
-        log_event=lambda topic, msg: None,
-    )
-
-
 def test_coordinator_caps_origin_and_uploads_and_fans_out():
     async def run():
         s = fake_scheduler("w1", "w2", "w3", "w4", "w5")

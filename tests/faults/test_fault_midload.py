@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import types
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from preemption_tools import (
     wait_until,
     worker_references,
 )
+from transfer_helpers import fake_scheduler
 
 import dask_pervasive as dp
 from dask_pervasive.transfer import ORIGIN, WAIT, SourceCoordinator
@@ -104,21 +104,11 @@ def test_worker_killed_while_reading_the_origin_frees_its_slot(http_origin):
         assert set(running_workers(client)) == set(state["alive"])
 
 
-def _fake_scheduler(*workers: str) -> types.SimpleNamespace:
-    return types.SimpleNamespace(
-        workers=dict.fromkeys(workers),
-        handlers={},
-        task_metadata={},
-        set_metadata=lambda keys, value: None,
-        log_event=lambda topic, msg: None,
-    )
-
-
 def test_receiver_dying_while_waiting_for_a_source_gets_no_lease():
     """A worker long-polling for a source dies; the slot that frees up later must not be leased to it."""
 
     async def run():
-        s = _fake_scheduler("w1", "w2")
+        s = fake_scheduler("w1", "w2")
         co = SourceCoordinator(s, {}, origin_max_concurrent=1, peer_max_uploads=1)
         first = await co.acquire("other", "w1")
         assert first["source"] == ORIGIN  # the one origin slot

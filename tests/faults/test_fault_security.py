@@ -10,12 +10,9 @@ arbitrary text and JSON. The model is documented in ``docs/security.md``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
-import random
 import tempfile
-import types
 from pathlib import Path
 
 import fsspec
@@ -24,9 +21,10 @@ from distributed.security import Security
 from distributed.utils_test import captured_logger, gen_cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transfer_helpers import digests, fake_scheduler, load_digests, write_model
 
 import dask_pervasive as dp
-from dask_pervasive.files import MANIFEST, PART, safe_relpath
+from dask_pervasive.files import MANIFEST, safe_relpath
 from dask_pervasive.transfer import ContextServer, SourceCoordinator, _check_manifest, _safe_name
 
 SMALL_CHUNKS = {"pervasive.transfer.chunk-size": "32KiB"}
@@ -34,30 +32,7 @@ CHUNK = 32 * 2**10
 
 
 def make_model(origin, sizes=(200_000, 120_000), seed: int = 0) -> dict[str, bytes]:
-    rng = random.Random(seed)
-    files = {f"w{i}.bin": rng.randbytes(n) for i, n in enumerate(sizes)}
-    files["sub/config.json"] = b'{"layers": 2}'
-    for rel, data in files.items():
-        p = Path(origin.directory, "model", rel)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return files
-
-
-def digests(files: dict[str, bytes]) -> dict[str, str]:
-    return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
-
-
-def load_digests(path, device):
-    out = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            if n == MANIFEST or PART in n:
-                continue
-            p = os.path.join(root, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, path).replace(os.sep, "/")] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    return write_model(origin.directory, "model", sizes, seed)
 
 
 def model_context(origin, name: str = "m") -> dp.Context:
@@ -240,16 +215,6 @@ async def test_peer_filesystem_verifies_whole_file_reads(c, s, a, b, http_origin
     # ranged reads are not verified (documented in docs/security.md): they return what the holder has
     part = await c.submit(read, "dask-peer://m/w0.bin", start=0, end=10, workers=[b.address])
     assert part == bytes(data[:10])
-
-
-def fake_scheduler(*workers: str) -> types.SimpleNamespace:
-    return types.SimpleNamespace(
-        workers=dict.fromkeys(workers),
-        handlers={},
-        task_metadata={},
-        set_metadata=lambda keys, value: None,
-        log_event=lambda topic, msg: None,
-    )
 
 
 @pytest.mark.parametrize(

@@ -8,16 +8,14 @@ elsewhere, and the scheduler's :class:`~dask_pervasive.transfer.SourceCoordinato
 gives the origin slot and the upload slots back. Temporary files of a killed
 copy are removed by the next fetch into the same directory, on both copy paths.
 
-Functions used on the workers live in this module: spawned workers import it
+Functions used on the workers live in this module and in transfer_helpers: spawned workers import them
 (their ``sys.path`` is the test process's).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -28,6 +26,7 @@ from pathlib import Path
 import pytest
 from distributed import Nanny
 from distributed.utils_test import gen_cluster
+from transfer_helpers import digests, load_digests, write_model
 
 import dask_pervasive as dp
 from dask_pervasive.files import MANIFEST, PART, cached_copy, fetch_source
@@ -44,29 +43,7 @@ SIZE = 1_500_000
 
 
 def make_model(origin, size: int = SIZE, seed: int = 0) -> dict[str, bytes]:
-    rng = random.Random(seed)
-    files = {"w0.bin": rng.randbytes(size), "config.json": b'{"layers": 2}'}
-    for rel, data in files.items():
-        p = Path(origin.directory, "model", rel)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return files
-
-
-def digests(files: dict[str, bytes]) -> dict[str, str]:
-    return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
-
-
-def load_digests(path, device):
-    out = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            if n == MANIFEST or PART in n:
-                continue
-            p = os.path.join(root, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, path).replace(os.sep, "/")] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    return write_model(origin.directory, "model", (size,), seed)
 
 
 def context(origin) -> dp.Context:

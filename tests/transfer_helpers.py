@@ -1,0 +1,58 @@
+"""Shared by the transfer tests: model files in an origin, their digests, a loader, a fake scheduler.
+
+A module of its own (not a test module) so that worker processes can import
+the loader by reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import types
+from pathlib import Path
+
+from dask_pervasive.files import MANIFEST, PART
+
+
+def write_model(
+    directory, name: str = "model", sizes=(200_000, 120_000), seed: int = 0, config: bool = True
+) -> dict[str, bytes]:
+    """Random ``w<i>.bin`` files (and ``sub/config.json``) under ``directory/name``; returns them."""
+    rng = random.Random(seed)
+    files = {f"w{i}.bin": rng.randbytes(n) for i, n in enumerate(sizes)}
+    if config:
+        files["sub/config.json"] = b'{"layers": 2}'
+    for rel, data in files.items():
+        p = Path(directory, name, rel)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return files
+
+
+def digests(files: dict[str, bytes]) -> dict[str, str]:
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+
+
+def load_digests(path, device):
+    """The loader: sha256 of every file it was given (what a model would read)."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            if n == MANIFEST or PART in n:
+                continue
+            p = os.path.join(root, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, path).replace(os.sep, "/")] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def fake_scheduler(*workers: str) -> types.SimpleNamespace:
+    """Just enough of a Scheduler for a SourceCoordinator."""
+    return types.SimpleNamespace(
+        workers=dict.fromkeys(workers),
+        handlers={},
+        task_metadata={},
+        set_metadata=lambda keys, value: None,
+        log_event=lambda topic, msg: None,
+    )
