@@ -1004,6 +1004,7 @@ async def fetch_context(
     timeout: float = 30.0,
     peers: bool = True,
     server: ContextServer | None = None,
+    policy: RetryPolicy | None = None,
 ) -> FetchResult:
     """Make ``dest`` a complete, verified copy of ``context``'s files (on the worker's loop).
 
@@ -1011,11 +1012,14 @@ async def fetch_context(
     coordinates transfers and ``peers`` is on, the sources it hands out
     (peers, the origin when it must); else the origin directly. With
     ``server``, files are served to other workers as soon as they are verified.
+    Origin reads follow ``policy`` (default: ``pervasive.transfer.*`` read here,
+    with ``timeout`` as the stall timeout).
     """
     cached = await asyncio.to_thread(cached_copy, context.source, dest, chunk_size, verify)
     if cached is not None:
         return cached
-    policy = RetryPolicy.from_config(stall_timeout=timeout)
+    if policy is None:
+        policy = RetryPolicy.from_config(stall_timeout=timeout)
     if not peers or not await coordinator_available(worker):
         return await asyncio.to_thread(
             fetch_source, context.source, dict(context.storage_options or {}), dest, chunk_size, verify, policy
@@ -1030,6 +1034,7 @@ def peer_fetcher(
     timeout: float,
     peers: bool = True,
     server: ContextServer | None = None,
+    policy: RetryPolicy | None = None,
 ) -> Callable[[Context, str], FetchResult]:
     """A ``ContextCache`` fetcher that runs :func:`fetch_context` on the worker's loop.
 
@@ -1040,7 +1045,9 @@ def peer_fetcher(
     from distributed.utils import sync
 
     def fetch(context: Context, dest: str) -> FetchResult:
-        return sync(worker.loop, fetch_context, worker, context, dest, chunk_size, verify, timeout, peers, server)
+        return sync(
+            worker.loop, fetch_context, worker, context, dest, chunk_size, verify, timeout, peers, server, policy
+        )
 
     return fetch
 

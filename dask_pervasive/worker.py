@@ -19,7 +19,7 @@ from .cache import ContextCache, ContextEntry
 from .context import Context
 from .devices import device_total_memory
 from .errors import ConfigurationError, ContextDefinitionError
-from .files import remove_stale_parts
+from .files import RetryPolicy, remove_stale_parts
 from .metrics import HEARTBEAT_KEY, worker_heartbeat_metrics
 from .transfer import ContextServer, peer_fetcher
 
@@ -220,6 +220,10 @@ class ContextWorkerPlugin(WorkerPlugin):
         self.verify = bool(dask.config.get("pervasive.transfer.verify"))
         self.peer_transfer = bool(dask.config.get("pervasive.transfer.peers"))
         self.stall_timeout = parse_timedelta(dask.config.get("pervasive.transfer.stall-timeout"))
+        try:  # origin retries and timeouts travel with the plugin too
+            self.retry_policy = RetryPolicy.from_config()
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigurationError(f"invalid pervasive.transfer setting: {exc}", "pervasive.transfer") from exc
         self.cache: ContextCache | None = None
         self.worker: Worker | None = None
         self._device_budgets: dict[str, int | None] = {}
@@ -250,7 +254,7 @@ class ContextWorkerPlugin(WorkerPlugin):
         server = ContextServer(worker, self.cache, self.chunk_size)
         server.install()
         self.cache.fetcher = peer_fetcher(
-            worker, self.chunk_size, self.verify, self.stall_timeout, self.peer_transfer, server
+            worker, self.chunk_size, self.verify, self.stall_timeout, self.peer_transfer, server, self.retry_policy
         )
         for ctx in self.contexts:
             self.cache.declare(ctx)

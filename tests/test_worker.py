@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 
 import dask
@@ -245,3 +246,21 @@ def test_uses_context_decorator_keeps_metadata():
 
     assert context_of(decorated) == "v" and context_of(use_value) is None
     assert add_one_with({"value": 1}, 1) == 2
+
+
+def test_origin_retry_settings_travel_with_the_plugin():
+    """pervasive.transfer.retries/backoff/stall-timeout are read on the client, like the other settings."""
+    with dask.config.set(
+        {
+            "pervasive.transfer.retries": 0,
+            "pervasive.transfer.retry-backoff": "10ms",
+            "pervasive.transfer.stall-timeout": "7s",
+        }
+    ):
+        plugin = dp.ContextWorkerPlugin([])
+    policy = pickle.loads(pickle.dumps(plugin)).retry_policy
+    assert (policy.retries, policy.backoff, policy.stall_timeout) == (0, 0.01, 7.0)
+    with dask.config.set({"pervasive.transfer.retries": "lots"}), pytest.raises(dp.ConfigurationError):
+        dp.ContextWorkerPlugin([])
+    with dask.config.set({"pervasive.transfer.retries": -1}), pytest.raises(dp.ConfigurationError):
+        dp.ContextWorkerPlugin([])
