@@ -57,9 +57,9 @@ from typing import Any
 
 import dask
 from dask.utils import format_bytes, parse_bytes
-from distributed import Client, LocalCluster
 
 import dask_pervasive as dp
+from dask_pervasive.bench.harness import fresh_cluster
 from dask_pervasive.bench.http_origin import HTTPOrigin
 from dask_pervasive.bench.placement import environment
 from dask_pervasive.files import MANIFEST
@@ -108,16 +108,8 @@ def run_variant(variant: str, origin: HTTPOrigin, size: int, args: argparse.Name
     ctx = dp.Context(CONTEXT, load=load_size, source=origin.url("model/"), device="cpu")
     with (
         dask.config.set(settings),
-        LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster) as client,
+        fresh_cluster(args.workers, silence_logs=logging.ERROR) as (_, client),
     ):
-        client.wait_for_workers(args.workers)
         dp.install(client, [ctx])
         origin.reset_counters()
         since = time.time()

@@ -137,8 +137,12 @@ def quiet(origin: Any) -> Any:
 
 # -- clusters -----------------------------------------------------------------------------
 @contextmanager
-def fresh_cluster(n_workers: int) -> Iterator[tuple[Any, Any]]:
-    """A new ``LocalCluster(processes=True, threads_per_worker=1)`` and its client."""
+def fresh_cluster(n_workers: int, silence_logs: int = logging.CRITICAL) -> Iterator[tuple[Any, Any]]:
+    """A new ``LocalCluster(processes=True, threads_per_worker=1)`` and its client, all workers up.
+
+    ``silence_logs``: killed workers (preempt) make nannies and comms log
+    warnings and tracebacks.
+    """
     from distributed import Client, LocalCluster
 
     with (
@@ -147,8 +151,7 @@ def fresh_cluster(n_workers: int) -> Iterator[tuple[Any, Any]]:
             threads_per_worker=1,
             processes=True,
             dashboard_address=":0",
-            # Killed workers (preempt) make nannies and comms log warnings and tracebacks.
-            silence_logs=logging.CRITICAL,
+            silence_logs=silence_logs,
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -84,6 +84,7 @@ import distributed
 from distributed import Client, Future, LocalCluster, get_worker, wait
 
 import dask_pervasive as dp
+from dask_pervasive.bench import harness
 from dask_pervasive.worker import EVENT_TOPIC, PLUGIN_NAME, plugin_on
 
 N_WORKERS = 4
@@ -143,17 +144,8 @@ def inc(x: int) -> int:
 @contextmanager
 def fresh_cluster() -> Iterator[tuple[LocalCluster, Client]]:
     """A new 4-worker, 1-thread-each process cluster and its client."""
-    with (
-        LocalCluster(
-            n_workers=N_WORKERS,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,  # the preempt kill makes nannies and comms log warnings
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        client.wait_for_workers(N_WORKERS)
+    # the preempt kill makes nannies and comms log warnings
+    with harness.fresh_cluster(N_WORKERS, silence_logs=logging.ERROR) as (cluster, client):
         yield cluster, client
 
 
@@ -427,6 +419,18 @@ class Check:
         return self.__dict__.copy()
 
 
+def correct_results(scenario: str, on: dict[str, Any], off: dict[str, Any], expected: int) -> Check:
+    """Both variants returned ``expected`` correct results."""
+    return Check(
+        scenario,
+        "correct results",
+        on["correct"],
+        off["correct"],
+        str(expected),
+        on["correct"] == off["correct"] == expected,
+    )
+
+
 def check_few(r: dict[str, Any]) -> list[Check]:
     on, off = r["on"], r["off"]
     return [
@@ -434,14 +438,7 @@ def check_few(r: dict[str, Any]) -> list[Check]:
         Check(
             "few", "makespan (s)", on["makespan_s"], off["makespan_s"], "on < off", on["makespan_s"] < off["makespan_s"]
         ),
-        Check(
-            "few",
-            "correct results",
-            on["correct"],
-            off["correct"],
-            str(FEW_TASKS),
-            on["correct"] == off["correct"] == FEW_TASKS,
-        ),
+        correct_results("few", on, off, FEW_TASKS),
     ]
 
 
@@ -467,14 +464,7 @@ def check_backlog(r: dict[str, Any]) -> list[Check]:
         ),
         Check("backlog", "workers that loaded", on["workers_loaded"], off["workers_loaded"], "", None),
         Check("backlog", "loads", on["loads"], off["loads"], "", None),
-        Check(
-            "backlog",
-            "correct results",
-            on["correct"],
-            off["correct"],
-            str(BACKLOG_TASKS),
-            on["correct"] == off["correct"] == BACKLOG_TASKS,
-        ),
+        correct_results("backlog", on, off, BACKLOG_TASKS),
     ]
 
 
@@ -484,14 +474,7 @@ def check_multi(r: dict[str, Any]) -> list[Check]:
         Check("multi", "loads", on["loads"], off["loads"], "on <= 8", on["loads"] <= 8),
         Check("multi", "makespan (s)", on["makespan_s"], off["makespan_s"], "", None),
         Check("multi", "evictions", on["evictions"], off["evictions"], "", None),
-        Check(
-            "multi",
-            "correct results",
-            on["correct"],
-            off["correct"],
-            str(MULTI_TASKS),
-            on["correct"] == off["correct"] == MULTI_TASKS,
-        ),
+        correct_results("multi", on, off, MULTI_TASKS),
     ]
 
 
@@ -499,14 +482,7 @@ def check_preempt(r: dict[str, Any]) -> list[Check]:
     on, off = r["on"], r["off"]
     on_new, off_new = len(on["loads_after_kill"]), len(off["loads_after_kill"])
     return [
-        Check(
-            "preempt",
-            "correct results",
-            on["correct"],
-            off["correct"],
-            str(PREEMPT_TASKS),
-            on["correct"] == off["correct"] == PREEMPT_TASKS,
-        ),
+        correct_results("preempt", on, off, PREEMPT_TASKS),
         Check(
             "preempt",
             "results on dead worker",
