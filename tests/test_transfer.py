@@ -7,12 +7,11 @@ import hashlib
 import json
 import os
 import types
-from pathlib import Path
 
 import fsspec
 import pytest
 from distributed.utils_test import captured_logger, gen_cluster
-from transfer_helpers import digests, fake_scheduler, load_digests, write_model
+from transfer_helpers import coordinator, copy_dir, digests, fake_scheduler, make_model, model_context
 
 import dask_pervasive as dp
 from dask_pervasive.files import MANIFEST, PART
@@ -21,31 +20,13 @@ from dask_pervasive.transfer import ORIGIN, WAIT, PeerFileSystem, SourceCoordina
 SMALL_CHUNKS = {"pervasive.transfer.chunk-size": "32KiB"}
 
 
-def make_model(origin, name: str = "model", sizes=(200_000, 120_000), seed: int = 0) -> dict[str, bytes]:
-    """Random files (and a nested config) in the origin's ``name/`` directory."""
-    return write_model(origin.directory, name, sizes, seed)
-
-
 def load_file_digest(path, device):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def model_context(origin, name: str = "m") -> dp.Context:
-    return dp.Context(name, load=load_digests, source=origin.url("model/"), device="cpu")
-
-
-def copy_dir(worker, name: str = "m") -> Path:
-    cache = worker.plugins["pervasive"].cache
-    return Path(cache.files_dir(cache.entries[name].context))
-
-
 async def rows_by_worker(c, name: str = "m") -> dict[str, dict]:
     return {r["worker"]: r for r in await dp.stats(c) if r["context"] == name}
-
-
-def coordinator(s) -> SourceCoordinator:
-    return s.plugins["pervasive"].transfer
 
 
 # -- cluster-wide behaviour ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Shared by the transfer tests: model files in an origin, their digests, a loader, a fake scheduler.
+"""Shared by the transfer tests: model files in an origin, their digests, a loader, probes, a fake scheduler.
 
 A module of its own (not a test module) so that worker processes can import
 the loader by reference.
@@ -12,7 +12,9 @@ import random
 import types
 from pathlib import Path
 
+import dask_pervasive as dp
 from dask_pervasive.files import MANIFEST, PART
+from dask_pervasive.transfer import SourceCoordinator
 
 
 def write_model(
@@ -30,6 +32,11 @@ def write_model(
     return files
 
 
+def make_model(origin, name: str = "model", sizes=(200_000, 120_000), seed: int = 0) -> dict[str, bytes]:
+    """:func:`write_model` into an ``HTTPOrigin``'s directory (served at ``origin.url(name + "/")``)."""
+    return write_model(origin.directory, name, sizes, seed)
+
+
 def digests(files: dict[str, bytes]) -> dict[str, str]:
     return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
 
@@ -45,6 +52,22 @@ def load_digests(path, device):
             with open(p, "rb") as f:
                 out[os.path.relpath(p, path).replace(os.sep, "/")] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def model_context(origin, name: str = "m") -> dp.Context:
+    """Context ``name`` over the origin's ``model/`` directory, loaded as :func:`load_digests`."""
+    return dp.Context(name, load=load_digests, source=origin.url("model/"), device="cpu")
+
+
+def copy_dir(worker, name: str = "m") -> Path:
+    """Where (in-process) ``worker`` keeps the files of context ``name``."""
+    cache = worker.plugins["pervasive"].cache
+    return Path(cache.files_dir(cache.entries[name].context))
+
+
+def coordinator(s) -> SourceCoordinator:
+    """The scheduler plugin's transfer coordinator."""
+    return s.plugins["pervasive"].transfer
 
 
 def fake_scheduler(*workers: str) -> types.SimpleNamespace:

@@ -21,7 +21,7 @@ from distributed.security import Security
 from distributed.utils_test import captured_logger, gen_cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transfer_helpers import digests, fake_scheduler, load_digests, write_model
+from transfer_helpers import coordinator, copy_dir, digests, fake_scheduler, load_digests, make_model, model_context
 
 import dask_pervasive as dp
 from dask_pervasive.files import MANIFEST, safe_relpath
@@ -29,23 +29,6 @@ from dask_pervasive.transfer import ContextServer, SourceCoordinator, _check_man
 
 SMALL_CHUNKS = {"pervasive.transfer.chunk-size": "32KiB"}
 CHUNK = 32 * 2**10
-
-
-def make_model(origin, sizes=(200_000, 120_000), seed: int = 0) -> dict[str, bytes]:
-    return write_model(origin.directory, "model", sizes, seed)
-
-
-def model_context(origin, name: str = "m") -> dp.Context:
-    return dp.Context(name, load=load_digests, source=origin.url("model/"), device="cpu")
-
-
-def copy_dir(worker, name: str = "m") -> Path:
-    cache = worker.plugins["pervasive"].cache
-    return Path(cache.files_dir(cache.entries[name].context))
-
-
-def coordinator(s) -> SourceCoordinator:
-    return s.plugins["pervasive"].transfer
 
 
 # -- the serving side ------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ import fsspec
 import pytest
 from distributed.utils_test import gen_cluster
 from fsspec.implementations.local import LocalFileSystem
+from transfer_helpers import coordinator, digests, write_model
 
 import dask_pervasive as dp
 from dask_pervasive.files import MANIFEST, PART, RetryPolicy, fetch_source
@@ -53,18 +53,7 @@ BOUND = 20.0
 
 # -- helpers ------------------------------------------------------------------------------
 def make_model(root: Path, sizes=SIZES, seed: int = 0) -> dict[str, bytes]:
-    rng = random.Random(seed)
-    files = {f"w{i}.bin": rng.randbytes(n) for i, n in enumerate(sizes)}
-    files["sub/config.json"] = b'{"layers": 2}'
-    for rel, data in files.items():
-        p = root / "model" / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return files
-
-
-def digests(files: dict[str, bytes]) -> dict[str, str]:
-    return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    return write_model(root, "model", sizes, seed)
 
 
 def read_tree(path) -> dict[str, str]:
@@ -388,10 +377,6 @@ def test_http_origin_is_quiet_about_readers_that_go_away(origin, capfd):
 # -- through the workers ------------------------------------------------------------------------------
 def model_context(url: str, name: str = "m") -> dp.Context:
     return dp.Context(name, load=load_digests, source=url, device="cpu")
-
-
-def coordinator(s):
-    return s.plugins["pervasive"].transfer
 
 
 @pytest.mark.parametrize("peers", [True, False])

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from distributed import Nanny
 from distributed.utils_test import gen_cluster
-from transfer_helpers import digests, load_digests, write_model
+from transfer_helpers import coordinator, digests, load_digests, write_model
 
 import dask_pervasive as dp
 from dask_pervasive.files import MANIFEST, PART, cached_copy, fetch_source
@@ -68,10 +68,6 @@ def slow_uploads(dask_worker, seconds: float = 0.05) -> None:
 
 
 # -- scheduler-side probes -------------------------------------------------------------------------
-def coordinator(s):
-    return s.plugins["pervasive"].transfer
-
-
 async def until(condition, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
