@@ -256,23 +256,9 @@ class ContextCache:
         """
         deadline = time.monotonic() + self.budget_wait
         while True:
-            victims: list[ContextEntry] = []
             with self._lock:
                 entry.host_bytes = entry.device_bytes = 0  # not counted while waiting for room
-                while over := self._shortfall_locked(entry, host, dev):
-                    idle = [
-                        e
-                        for e in self.entries.values()
-                        if e is not entry
-                        and e.state is State.RESIDENT
-                        and e.users == 0
-                        and (("host" in over and e.host_bytes) or (e.device in over and e.device_bytes))
-                    ]
-                    if not idle:
-                        break
-                    victim = min(idle, key=lambda e: e.last_used)
-                    self._evict_locked(victim)
-                    victims.append(victim)
+                victims, over = self._evict_lru_locked(lambda: self._shortfall_locked(entry, host, dev))
                 if not over:
                     entry.host_bytes, entry.device_bytes = host, dev
                     return_now = True
@@ -327,10 +313,15 @@ class ContextCache:
             entry.name, host if kind == "host" else dev, budget or 0, kind, self.address, in_use, waited
         )
 
-    def _make_room_locked(self) -> list[ContextEntry]:
-        """Evict least-recently-used idle contexts while a budget is exceeded."""
+    def _evict_lru_locked(self, overage: Callable[[], set[str]]) -> tuple[list[ContextEntry], set[str]]:
+        """Evict least-recently-used idle contexts while ``overage()`` names a budget.
+
+        Only resident contexts no task holds, and only ones that count
+        towards an exceeded budget, are evicted. Returns the victims (to tear
+        down outside the lock) and the budgets still exceeded.
+        """
         victims = []
-        while over := self._overages_locked():
+        while over := overage():
             idle = [
                 e
                 for e in self.entries.values()
@@ -339,15 +330,21 @@ class ContextCache:
                 and (("host" in over and e.host_bytes) or (e.device in over and e.device_bytes))
             ]
             if not idle:
-                logger.warning(
-                    "Contexts in use on worker %s exceed the %s budget; idle contexts will be evicted as tasks finish",
-                    self.address,
-                    " and ".join(sorted(over)),
-                )
                 break
             victim = min(idle, key=lambda e: e.last_used)
             self._evict_locked(victim)
             victims.append(victim)
+        return victims, over
+
+    def _make_room_locked(self) -> list[ContextEntry]:
+        """Evict least-recently-used idle contexts while a budget is exceeded."""
+        victims, over = self._evict_lru_locked(self._overages_locked)
+        if over:
+            logger.warning(
+                "Contexts in use on worker %s exceed the %s budget; idle contexts will be evicted as tasks finish",
+                self.address,
+                " and ".join(sorted(over)),
+            )
         return victims
 
     def _evict_locked(self, entry: ContextEntry) -> None:
