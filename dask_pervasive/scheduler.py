@@ -496,13 +496,12 @@ class ContextSchedulerPlugin(SchedulerPlugin):
             ready.append((extra[0], running[extra[1]].nthreads))
         return finish_time(ready, work)
 
-    def replan(self, stimulus_id: str, new_tasks: bool = False) -> None:
+    def replan(self, stimulus_id: str) -> None:
         """Recompute affinity sets of contexts with pending tasks and apply them.
 
         Restrictions are applied to all pending tasks of a context whose set
         changed or that is marked stale (tasks recomputed, left in no-worker,
-        a member lost), otherwise only to its tasks not restricted yet; with
-        ``new_tasks``, to every pending task.
+        a member lost), otherwise only to its tasks not restricted yet.
         """
         scheduler = self.scheduler
         if scheduler is None:
@@ -547,7 +546,7 @@ class ContextSchedulerPlugin(SchedulerPlugin):
             gain, plan, addr, now, then = best
             self._add_member(plan, addr, f"backlog finishes in {now:.1f}s, {then:.1f}s with {addr}")
         for plan in demand:
-            if new_tasks or plan.name in self._stale or plan.members != before[plan.name]:
+            if plan.name in self._stale or plan.members != before[plan.name]:
                 self._apply(plan, stimulus_id)
             elif self._fresh.get(plan.name):
                 self._apply(plan, stimulus_id, self._fresh[plan.name])
