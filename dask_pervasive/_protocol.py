@@ -1,0 +1,81 @@
+"""The vocabulary both plugin halves share: names, topics, actions, handlers, states.
+
+Imported by the worker half, the scheduler half, the client helpers and the
+transfer package; it imports none of them (the role ``distributed/shuffle/_core.py``
+plays for the P2P shuffle). A string that travels between processes is spelled
+once, here.
+"""
+
+from __future__ import annotations
+
+import enum
+
+#: Name of both plugins (``worker.plugins[PLUGIN_NAME]``, ``scheduler.plugins[PLUGIN_NAME]``).
+PLUGIN_NAME = "pervasive"
+#: Prefix of the small per-context declaration plugins :func:`dask_pervasive.register` adds.
+DECLARATION_PREFIX = "pervasive-context-"
+#: Topic of every event our plugins log (``worker.log_event`` / ``scheduler.log_event``).
+EVENT_TOPIC = "pervasive"
+#: Key of our counters in ``worker.metrics`` (sent with every heartbeat).
+HEARTBEAT_KEY = "pervasive"
+#: Attribute :func:`dask_pervasive.uses_context` sets on the functions it decorates.
+CONTEXT_ATTR = "__pervasive_context__"
+#: ``startstops`` action that holds the time a task spent loading its context.
+LOAD_STARTSTOP = "pervasive-load"
+
+
+class Action(str, enum.Enum):
+    """The ``"action"`` field of :data:`EVENT_TOPIC` events."""
+
+    #: worker → scheduler: the worker's host/device budgets.
+    WORKER_BUDGET = "worker-budget"
+    #: worker → scheduler: one context changed state on the worker.
+    CONTEXT_STATE = "context-state"
+    #: worker: a copy of context files finished (sources and bytes per source).
+    TRANSFER = "transfer"
+    #: scheduler: a worker joined a context's affinity set (with the reason).
+    PLACEMENT = "placement"
+    #: scheduler: a worker left while holding contexts.
+    WORKER_LOST = "worker-lost"
+    #: scheduler: the coordinator handed a copy source to a worker.
+    TRANSFER_SOURCE = "transfer-source"
+
+
+class State(str, enum.Enum):
+    """Where one context stands on one worker (the cache's state machine)."""
+
+    ABSENT = "absent"
+    FETCHING = "fetching"
+    LOADING = "loading"
+    RESIDENT = "resident"
+    EVICTED = "evicted"
+    FAILED = "failed"
+
+
+#: States in which a worker holds, or is about to hold, a context.
+WARMING_STATES = frozenset({State.FETCHING, State.LOADING})
+HOLDING_STATES = frozenset({State.RESIDENT, State.FETCHING, State.LOADING})
+
+
+class WorkerHandler(str, enum.Enum):
+    """RPC handlers our worker plugin adds to ``worker.handlers``."""
+
+    STATE = "pervasive_state"
+    PREWARM = "pervasive_prewarm"
+    MANIFEST = "pervasive_manifest"
+    READ = "pervasive_read"
+
+
+class SchedulerHandler(str, enum.Enum):
+    """RPC handlers the scheduler plugin's source coordinator adds to ``scheduler.handlers``."""
+
+    ACQUIRE_SOURCE = "pervasive_acquire_source"
+    RELEASE_SOURCE = "pervasive_release_source"
+    HOLDERS = "pervasive_holders"
+
+
+#: ``client.set_metadata`` keys: context name → token, and → human-readable definition.
+METADATA_CONTEXTS = ("pervasive", "contexts")
+METADATA_DEFINITIONS = ("pervasive", "definitions")
+#: The coordinator's published transfer state.
+METADATA_TRANSFER = ("pervasive", "transfer")
