@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the selected scenarios; 0 when every target of those that ran is met."""
     args = parse_args(argv)
     from dask_pervasive.bench import harness, report
-    from dask_pervasive.bench.http_origin import HTTPOrigin
+    from dask_pervasive.testing import HTTPOrigin
 
     harness.setup_process()
     params = choose_params(args)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pervasive-bench-") as root:
         say(f"building {n_models} {params.model} model(s)")
         models = harness.build_models(root, n_models, MODEL_SIZES[params.model].as_kwargs())
-        with harness.quiet(HTTPOrigin(root)) as origin:
+        with HTTPOrigin(root, quiet=True) as origin:
             nbytes = model_nbytes(models[0])
             say(f"model: {format_bytes(models[0].file_bytes)} of files, {format_bytes(nbytes)} of parameters")
             env = Env(origin, models, nbytes)

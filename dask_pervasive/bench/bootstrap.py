@@ -3,7 +3,7 @@
 Run ``python -m dask_pervasive.bench.bootstrap`` (see ``--help``). A context
 of ``--size`` bytes (``--files`` random files plus a small config) is served
 by a bandwidth-capped HTTP origin on 127.0.0.1
-(:class:`~dask_pervasive.bench.http_origin.HTTPOrigin`, a stand-in for a
+(:class:`~dask_pervasive.testing.HTTPOrigin`, a stand-in for a
 contended shared filesystem: one global cap for all readers), read through
 fsspec's ``http`` filesystem. Twice, on a fresh
 ``LocalCluster(n_workers=--workers, threads_per_worker=1, processes=True)``
@@ -60,9 +60,9 @@ from dask.utils import format_bytes, parse_bytes
 
 import dask_pervasive as dp
 from dask_pervasive.bench.harness import fresh_cluster
-from dask_pervasive.bench.http_origin import HTTPOrigin
 from dask_pervasive.bench.placement import environment
 from dask_pervasive.files import MANIFEST
+from dask_pervasive.testing import HTTPOrigin
 from dask_pervasive.worker import EVENT_TOPIC
 
 CONTEXT = "weights"
