@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from dask_pervasive._protocol import EVENT_TOPIC
+
 #: Modules the forkserver imports once, so forked workers start with them: torch,
 #: transformers' GPT-2, tokenizer and auto classes, fsspec's http filesystem (what a
 #: first ``from_pretrained`` and a first origin read would otherwise import lazily),
@@ -213,8 +215,6 @@ def pervasive_loads(client: Any, since: float) -> list[dict[str, Any]]:
     Read from the scheduler's event log, so loads on workers that were killed
     later are still counted.
     """
-    from dask_pervasive.worker import EVENT_TOPIC
-
     loads = []
     for t, msg in client.get_events(EVENT_TOPIC):
         if t < since or not isinstance(msg, dict) or msg.get("action") != "context-state":
@@ -234,8 +234,6 @@ def pervasive_loads(client: Any, since: float) -> list[dict[str, Any]]:
 
 def pervasive_transfers(client: Any, since: float) -> list[dict[str, Any]]:
     """Peer-transfer copies after ``since``: bytes from peers and from the origin per copy."""
-    from dask_pervasive.worker import EVENT_TOPIC
-
     return [
         {k: msg.get(k) for k in ("worker", "context", "sources", "bytes_from_peers", "bytes_from_origin", "seconds")}
         | {"t": t}
