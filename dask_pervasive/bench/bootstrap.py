@@ -152,3 +152,8 @@ def _loaded_size(dask_worker) -> int | None:
     plugin = plugin_on(dask_worker)
     entry = plugin.cache.entries.get(CONTEXT) if plugin is not None else None
     return entry.value if entry is not None else None
+
+
+if __name__ == "__main__":
+    # The entry point moved; without this, running the module would silently do nothing.
+    raise SystemExit("use: python -m dask_pervasive.bench bootstrap (see --help)")

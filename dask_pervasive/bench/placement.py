@@ -410,3 +410,8 @@ def run_scenario(name: str, load_seconds: float, multi_load_seconds: float, seed
         ),
     }[name]
     return {variant: run(variant == "on") for variant in ("on", "off")}
+
+
+if __name__ == "__main__":
+    # The entry point moved; without this, running the module would silently do nothing.
+    raise SystemExit("use: python -m dask_pervasive.bench placement (see --help)")

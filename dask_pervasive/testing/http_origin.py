@@ -88,6 +88,7 @@ class Fault:
     hits: int = 0  #: requests it hit so far
 
     def matches(self, rel: str, body: bool) -> bool:
+        """Whether a request for ``rel`` (a file body when ``body``) is one this fault aims at."""
         if self.path is not None and rel != self.path.lstrip("/"):
             return False
         return body or self.on == "any"
