@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import dask_pervasive as dp
-from dask_pervasive.tiny_models import CORPUS, make_tiny_gpt2
+from dask_pervasive.testing import CORPUS, make_tiny_gpt2
 
 EXTRA_SENTENCES = [
     "The Eiffel Tower is in Rome.",

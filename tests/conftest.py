@@ -28,7 +28,7 @@ dask.config.update(distributed.utils_test.original_config, dask_pervasive.config
 def tiny_gpt2(tmp_path_factory) -> str:
     """A real GPT-2 (2 layers, 64-dim) and tokenizer saved with save_pretrained."""
     pytest.importorskip("transformers")
-    from dask_pervasive.tiny_models import make_tiny_gpt2
+    from dask_pervasive.testing import make_tiny_gpt2
 
     return make_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2", n_layer=2, n_embd=64)
 
@@ -51,7 +51,7 @@ def http_origin(tmp_path):
     """
     import fsspec.asyn
 
-    from dask_pervasive.bench.http_origin import HTTPOrigin
+    from dask_pervasive.testing import HTTPOrigin
 
     # fsspec's IO thread (used by the http filesystem) lives for the whole
     # process: start it now, or gen_cluster's thread-leak check blames the test.

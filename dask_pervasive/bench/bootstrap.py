@@ -1,9 +1,9 @@
 """Bootstrap benchmark: a cohort of cold workers, peer transfer on vs off, side by side.
 
-Run ``python -m dask_pervasive.bench.bootstrap`` (see ``--help``). A context
+Run ``python -m dask_pervasive.bench bootstrap`` (see ``--help``). A context
 of ``--size`` bytes (``--files`` random files plus a small config) is served
 by a bandwidth-capped HTTP origin on 127.0.0.1
-(:class:`~dask_pervasive.bench.http_origin.HTTPOrigin`, a stand-in for a
+(:class:`~dask_pervasive.testing.HTTPOrigin`, a stand-in for a
 contended shared filesystem: one global cap for all readers), read through
 fsspec's ``http`` filesystem. Twice, on a fresh
 ``LocalCluster(n_workers=--workers, threads_per_worker=1, processes=True)``
@@ -22,7 +22,8 @@ with both plugins installed, every worker is prewarmed at once
 Reported per variant: wall time from the prewarm call until every worker has
 the context resident, bytes the origin served (counted by the server),
 ``bytes_from_peers`` / ``bytes_from_origin`` from ``dp.stats``, and which
-source each worker copied from (the fan-out tree). Targets: with peers the
+source each worker copied from (the fan-out tree). Targets
+(:func:`~dask_pervasive.bench.targets.bootstrap_checks`): with peers the
 origin serves at most 1.5x the context size, and the cohort finishes at least
 3x faster than origin-only.
 
@@ -50,20 +51,18 @@ import argparse
 import json
 import logging
 import os
-import sys
-import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
-from dask.utils import format_bytes, parse_bytes
 
 import dask_pervasive as dp
+from dask_pervasive._protocol import EVENT_TOPIC
 from dask_pervasive.bench.harness import fresh_cluster
-from dask_pervasive.bench.http_origin import HTTPOrigin
-from dask_pervasive.bench.placement import environment
 from dask_pervasive.files import MANIFEST
-from dask_pervasive.worker import EVENT_TOPIC
+
+if TYPE_CHECKING:
+    from dask_pervasive.testing import HTTPOrigin
 
 CONTEXT = "weights"
 VARIANTS = ("peers", "origin-only")
@@ -155,103 +154,6 @@ def _loaded_size(dask_worker) -> int | None:
     return entry.value if entry is not None else None
 
 
-def checks(results: dict[str, dict[str, Any]], size: int) -> list[dict[str, Any]]:
-    peers, alone = results["peers"], results["origin-only"]
-    speedup = alone["seconds"] / peers["seconds"] if peers["seconds"] else float("inf")
-    ratio = peers["origin_bytes_served"] / size
-    return [
-        {
-            "metric": "origin bytes / context size (peers)",
-            "value": round(ratio, 3),
-            "target": "<= 1.5",
-            "ok": ratio <= 1.5,
-        },
-        {"metric": "speed-up vs origin-only", "value": round(speedup, 2), "target": ">= 3", "ok": speedup >= 3},
-        {
-            "metric": "every worker loaded the full context",
-            "value": peers["all_loaded_correctly"] and alone["all_loaded_correctly"],
-            "target": "True",
-            "ok": peers["all_loaded_correctly"] and alone["all_loaded_correctly"],
-        },
-    ]
-
-
-def print_table(results: dict[str, dict[str, Any]], verdicts: list[dict[str, Any]], size: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(title=f"Bootstrapping {format_bytes(size)} on cold workers: peer transfer on vs off")
-    for column in ("variant", "seconds", "origin served", "origin reads", "from peers", "from origin", "resident"):
-        table.add_column(column)
-    for name in VARIANTS:
-        r = results[name]
-        table.add_row(
-            name,
-            f"{r['seconds']:.2f}",
-            format_bytes(r["origin_bytes_served"]),
-            f"{r['origin_reads_per_context']:.2f}x",
-            format_bytes(r["bytes_from_peers"]),
-            format_bytes(r["bytes_from_origin"]),
-            str(r["workers_resident"]),
-        )
-    console.print(table)
-    targets = Table(title="targets")
-    for column in ("metric", "value", "target", "result"):
-        targets.add_column(column)
-    for v in verdicts:
-        targets.add_row(v["metric"], str(v["value"]), v["target"], "[green]pass[/]" if v["ok"] else "[red]FAIL[/]")
-    console.print(targets)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m dask_pervasive.bench.bootstrap",
-        description="Cold workers bootstrapping a context from a bandwidth-capped origin, peer transfer on vs off.",
-    )
-    parser.add_argument("--workers", type=int, default=6, help="cold workers in the cohort")
-    parser.add_argument("--size", default="120MB", help="context size")
-    parser.add_argument("--files", type=int, default=4, help="number of weight shards")
-    parser.add_argument("--bandwidth", default="25MB", help="origin bandwidth per second, all readers together")
-    parser.add_argument("--peer-max-uploads", type=int, default=2, help="pervasive.transfer.peer-max-uploads")
-    parser.add_argument("--origin-max-concurrent", type=int, default=2, help="pervasive.transfer.origin-max-concurrent")
-    parser.add_argument("--chunk-size", default=None, help="pervasive.transfer.chunk-size (default: config)")
-    parser.add_argument("--out", default="docs/bootstrap-results.json", help="JSON output path")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run both variants, print the table, write the JSON; 0 when every target is met."""
-    args = parse_args(argv)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="pervasive-origin-") as root:
-        size = write_model(os.path.join(root, "model"), parse_bytes(args.size), args.files)
-        with HTTPOrigin(root, bandwidth=parse_bytes(args.bandwidth)) as origin:
-            results = {}
-            for variant in VARIANTS:
-                print(f"running {variant} ...", file=sys.stderr, flush=True)
-                results[variant] = run_variant(variant, origin, size, args)
-    verdicts = checks(results, size)
-    print_table(results, verdicts, size)
-    report = {
-        "environment": environment(),
-        "arguments": vars(args),
-        "context_bytes": size,
-        "origin_bandwidth_bytes_per_second": parse_bytes(args.bandwidth),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "checks": verdicts,
-        "variants": results,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0 if all(v["ok"] for v in verdicts) else 1
-
-
 if __name__ == "__main__":
-    # Run the importable module, not this __main__ copy, so workers unpickle
-    # load_size by reference to dask_pervasive.bench.bootstrap.
-    from dask_pervasive.bench.bootstrap import main as _main
-
-    sys.exit(_main())
+    # The entry point moved; without this, running the module would silently do nothing.
+    raise SystemExit("use: python -m dask_pervasive.bench bootstrap (see --help)")

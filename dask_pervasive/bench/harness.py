@@ -11,7 +11,7 @@ Method notes
   what remains per model: fetch from the origin, ``from_pretrained``
   (deserialize) and the first forward pass (warm-up).
 * ``OMP_NUM_THREADS=1``: one worker thread, one core's worth of torch.
-* The origin (:class:`~dask_pervasive.bench.http_origin.HTTPOrigin`) is a
+* The origin (:class:`~dask_pervasive.testing.HTTPOrigin`) is a
   local HTTP server with one global bandwidth cap, a *simulation* of a
   contended shared filesystem; every strategy reads the model from it through
   fsspec, and it counts the bytes it serves.
@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from dask_pervasive._protocol import EVENT_TOPIC
 
 #: Modules the forkserver imports once, so forked workers start with them: torch,
 #: transformers' GPT-2, tokenizer and auto classes, fsspec's http filesystem (what a
@@ -97,10 +99,10 @@ class Model:
 def build_models(root: str, n: int, size: dict[str, int], prefix: str = "verifier") -> list[Model]:
     """``n`` GPT-2 models of the same size and tokenizer, different weights, under ``root/models``.
 
-    The first is built by :func:`~dask_pervasive.tiny_models.make_tiny_gpt2`;
+    The first is built by :func:`~dask_pervasive.testing.make_tiny_gpt2`;
     the others copy its tokenizer and config and draw new weights (seed ``i``).
     """
-    from dask_pervasive.tiny_models import make_tiny_gpt2
+    from dask_pervasive.testing import make_tiny_gpt2
 
     paths = [os.path.join(root, "models", f"{prefix}-{i}") for i in range(n)]
     make_tiny_gpt2(paths[0], seed=0, **size)
@@ -127,12 +129,6 @@ def _reseeded_copy(source: str, dest: str, seed: int) -> None:
     shutil.copytree(source, dest)
     torch.manual_seed(seed)
     GPT2LMHeadModel(GPT2Config.from_pretrained(source)).save_pretrained(dest)
-
-
-def quiet(origin: Any) -> Any:
-    """Stop ``origin`` printing a traceback for every connection a killed worker drops mid-file."""
-    origin._server.handle_error = lambda request, client_address: None
-    return origin
 
 
 # -- clusters -----------------------------------------------------------------------------
@@ -219,8 +215,6 @@ def pervasive_loads(client: Any, since: float) -> list[dict[str, Any]]:
     Read from the scheduler's event log, so loads on workers that were killed
     later are still counted.
     """
-    from dask_pervasive.worker import EVENT_TOPIC
-
     loads = []
     for t, msg in client.get_events(EVENT_TOPIC):
         if t < since or not isinstance(msg, dict) or msg.get("action") != "context-state":
@@ -240,8 +234,6 @@ def pervasive_loads(client: Any, since: float) -> list[dict[str, Any]]:
 
 def pervasive_transfers(client: Any, since: float) -> list[dict[str, Any]]:
     """Peer-transfer copies after ``since``: bytes from peers and from the origin per copy."""
-    from dask_pervasive.worker import EVENT_TOPIC
-
     return [
         {k: msg.get(k) for k in ("worker", "context", "sources", "bytes_from_peers", "bytes_from_origin", "seconds")}
         | {"t": t}

@@ -1,6 +1,6 @@
 """Placement benchmark: the scheduler plugin on vs off, side by side, in one run.
 
-Run ``python -m dask_pervasive.bench.placement`` (see ``--help``). Each
+Run ``python -m dask_pervasive.bench placement`` (see ``--help``). Each
 scenario runs twice, with :class:`~dask_pervasive.ContextSchedulerPlugin`
 installed (``dp.install(..., scheduler=True)``, "on") and with only the worker
 plugin (``scheduler=False``, "off"), each variant on a fresh
@@ -49,43 +49,36 @@ Method notes
   throughput varies a lot between repetitions, so it also reports the time
   spent inside the scheduler plugin's hooks (measured by wrapping them on the
   scheduler): the plugin's own cost, free of that noise.
-* Task and load functions live at module level here, and ``__main__`` runs
-  the imported module's :func:`main`, so worker processes unpickle them by
-  reference to ``dask_pervasive.bench.placement``.
+* Task and load functions live at module level here, so worker processes
+  unpickle them by reference to ``dask_pervasive.bench.placement``.
 
-Results go to a ``rich`` table on stdout and, with every raw number,
-versions and machine facts, to ``--out`` (JSON).
+Targets are in :mod:`dask_pervasive.bench.targets`; results go to a ``rich``
+table on stdout and, with every raw number, versions and machine facts, to
+``--out`` (JSON), through :mod:`dask_pervasive.bench.report`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import platform
 import random
 import signal
 import statistics
-import sys
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
 import dask
-import distributed
 from distributed import Client, Future, LocalCluster, get_worker, wait
 
 import dask_pervasive as dp
+from dask_pervasive._protocol import EVENT_TOPIC, PLUGIN_NAME
 from dask_pervasive.bench import harness
-from dask_pervasive.worker import EVENT_TOPIC, PLUGIN_NAME, plugin_on
+from dask_pervasive.worker import plugin_on
 
 N_WORKERS = 4
 MODEL = "model"  #: the context of few, backlog, preempt and plain
@@ -403,242 +396,22 @@ def run_plain(n_tasks: int, load_seconds: float, repetitions: int) -> dict[str, 
     return out
 
 
-# -- checks against the targets ----------------------------------------------------
-@dataclass
-class Check:
-    """One row of the results table."""
-
-    scenario: str
-    metric: str
-    on: Any
-    off: Any
-    target: str
-    passed: bool | None  #: ``None``: reported, no target
-
-    def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-
-def correct_results(scenario: str, on: dict[str, Any], off: dict[str, Any], expected: int) -> Check:
-    """Both variants returned ``expected`` correct results."""
-    return Check(
-        scenario,
-        "correct results",
-        on["correct"],
-        off["correct"],
-        str(expected),
-        on["correct"] == off["correct"] == expected,
-    )
-
-
-def check_few(r: dict[str, Any]) -> list[Check]:
-    on, off = r["on"], r["off"]
-    return [
-        Check("few", "loads", on["loads"], off["loads"], "on = 1, off >= 3", on["loads"] == 1 and off["loads"] >= 3),
-        Check(
-            "few", "makespan (s)", on["makespan_s"], off["makespan_s"], "on < off", on["makespan_s"] < off["makespan_s"]
-        ),
-        correct_results("few", on, off, FEW_TASKS),
-    ]
-
-
-def check_backlog(r: dict[str, Any]) -> list[Check]:
-    on, off = r["on"], r["off"]
-    single = BACKLOG_TASKS * TASK_SECONDS  # the whole backlog on the one warm worker
-    return [
-        Check(
-            "backlog",
-            "makespan (s)",
-            on["makespan_s"],
-            off["makespan_s"],
-            f"on <= {0.6 * single:.1f} (0.6 x single-warm {single:.1f})",
-            on["makespan_s"] <= 0.6 * single,
-        ),
-        Check(
-            "backlog",
-            "makespan / single-warm time",
-            round(on["makespan_s"] / single, 3),
-            round(off["makespan_s"] / single, 3),
-            "on <= 0.6",
-            on["makespan_s"] <= 0.6 * single,
-        ),
-        Check("backlog", "workers that loaded", on["workers_loaded"], off["workers_loaded"], "", None),
-        Check("backlog", "loads", on["loads"], off["loads"], "", None),
-        correct_results("backlog", on, off, BACKLOG_TASKS),
-    ]
-
-
-def check_multi(r: dict[str, Any]) -> list[Check]:
-    on, off = r["on"], r["off"]
-    return [
-        Check("multi", "loads", on["loads"], off["loads"], "on <= 8", on["loads"] <= 8),
-        Check("multi", "makespan (s)", on["makespan_s"], off["makespan_s"], "", None),
-        Check("multi", "evictions", on["evictions"], off["evictions"], "", None),
-        correct_results("multi", on, off, MULTI_TASKS),
-    ]
-
-
-def check_preempt(r: dict[str, Any]) -> list[Check]:
-    on, off = r["on"], r["off"]
-    on_new, off_new = len(on["loads_after_kill"]), len(off["loads_after_kill"])
-    return [
-        correct_results("preempt", on, off, PREEMPT_TASKS),
-        Check(
-            "preempt",
-            "results on dead worker",
-            on["results_on_dead_worker"],
-            off["results_on_dead_worker"],
-            "0",
-            on["results_on_dead_worker"] == off["results_on_dead_worker"] == 0,
-        ),
-        Check(
-            "preempt",
-            "post-kill tasks by worker state at kill",
-            _fmt_counts(on["post_kill_by_state"]),
-            _fmt_counts(off["post_kill_by_state"]),
-            "",
-            None,
-        ),
-        Check("preempt", "loads started after kill", on_new, off_new, "on = 0 (warm workers only)", on_new == 0),
-        Check(
-            "preempt",
-            "post-kill tasks that waited for a load",
-            on["post_kill_waited"],
-            off["post_kill_waited"],
-            "",
-            None,
-        ),
-        Check("preempt", "makespan (s)", on["makespan_s"], off["makespan_s"], "", None),
-    ]
-
-
-def check_plain(r: dict[str, Any]) -> list[Check]:
-    on, off = r["on"]["median_tasks_per_s"], r["off"]["median_tasks_per_s"]
-    correct = all(run["correct"] for v in ("on", "off") for run in r[v]["runs"])
-    return [
-        Check("plain", "median throughput (tasks/s)", on, off, "", None),
-        Check("plain", "plugin hook time, % of wall (median)", r["on"]["hook_share_pct"], "", "", None),
-        Check("plain", "throughput ratio on/off", r["ratio"], "", ">= 0.9", r["ratio"] >= 0.9),
-        Check("plain", "all results correct", correct, "", "True", correct),
-    ]
-
-
-def _fmt_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-
-
 # -- driver ------------------------------------------------------------------------------
-def run_scenario(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
-    """Run scenario ``name`` with the plugin on and off; raw results and checks."""
+def run_scenario(name: str, load_seconds: float, multi_load_seconds: float, seed: int) -> dict[str, Any]:
+    """Run scenario ``name`` with the plugin on and off: ``{"on": ..., "off": ...}`` (``plain``: and the ratio)."""
     if name == "plain":
-        result = run_plain(PLAIN_TASKS, args.load_seconds, PLAIN_REPETITIONS)
-        return result, check_plain(result)
-    run: Callable[[bool], dict[str, Any]]
-    run, check = {
-        "few": (partial(run_single_warm, n_tasks=FEW_TASKS, load_seconds=args.load_seconds), check_few),
-        "backlog": (partial(run_single_warm, n_tasks=BACKLOG_TASKS, load_seconds=args.load_seconds), check_backlog),
-        "multi": (
-            partial(run_multi, n_tasks=MULTI_TASKS, load_seconds=args.multi_load_seconds, seed=args.seed),
-            check_multi,
-        ),
-        "preempt": (
-            partial(
-                run_preempt,
-                n_tasks=PREEMPT_TASKS,
-                load_seconds=args.load_seconds,
-                kill_fraction=PREEMPT_KILL_FRACTION,
-            ),
-            check_preempt,
+        return run_plain(PLAIN_TASKS, load_seconds, PLAIN_REPETITIONS)
+    run: Callable[[bool], dict[str, Any]] = {
+        "few": partial(run_single_warm, n_tasks=FEW_TASKS, load_seconds=load_seconds),
+        "backlog": partial(run_single_warm, n_tasks=BACKLOG_TASKS, load_seconds=load_seconds),
+        "multi": partial(run_multi, n_tasks=MULTI_TASKS, load_seconds=multi_load_seconds, seed=seed),
+        "preempt": partial(
+            run_preempt, n_tasks=PREEMPT_TASKS, load_seconds=load_seconds, kill_fraction=PREEMPT_KILL_FRACTION
         ),
     }[name]
-    variants = {variant: run(variant == "on") for variant in ("on", "off")}
-    return variants, check(variants)
-
-
-def environment() -> dict[str, Any]:
-    """Versions and machine facts stored with the results."""
-    return {
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "dask_pervasive": dp.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def print_table(checks: list[Check]) -> None:
-    """Print the results table with ``rich``."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="dask_pervasive placement: scheduler plugin on vs off")
-    for column in ("scenario", "metric", "plugin on", "plugin off", "target", "result"):
-        table.add_column(column)
-    for c in checks:
-        verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: ""}[c.passed]
-        table.add_row(c.scenario, c.metric, str(c.on), str(c.off), c.target, verdict)
-    # Piped output (logs, CI) gets a wide table rather than rich's 80-column default.
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m dask_pervasive.bench.placement",
-        description="Scheduler plugin on vs off: loads, makespan, preemption, overhead.",
-    )
-    parser.add_argument(
-        "--scenarios",
-        nargs="+",
-        choices=SCENARIOS,
-        default=list(SCENARIOS),
-        metavar="NAME",
-        help=f"subset of {', '.join(SCENARIOS)} (default: all)",
-    )
-    parser.add_argument("--out", default="docs/placement-results.json", help="JSON output path")
-    parser.add_argument("--load-seconds", type=float, default=3.0, help="context load time (few, backlog, preempt)")
-    parser.add_argument("--multi-load-seconds", type=float, default=1.0, help="load time of each multi context")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the multi task order")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the scenarios, print the table, write the JSON; 0 when every target is met."""
-    args = parse_args(argv)
-    started = time.perf_counter()
-    results: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    checks: list[Check] = []
-    for name in args.scenarios:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        try:
-            results[name], scenario_checks = run_scenario(name, args)
-        except Exception as exc:  # noqa: BLE001 - report it and still measure the other scenarios
-            results[name] = {"error": traceback.format_exc()}
-            scenario_checks = [Check(name, "error", f"{type(exc).__name__}: {exc}", "", "runs", False)]
-        checks.extend(scenario_checks)
-        seconds[name] = round(time.perf_counter() - t0, 1)
-    print_table(checks)
-    report = {
-        "environment": environment(),
-        "arguments": vars(args),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "scenario_seconds": seconds,
-        "checks": [c.as_dict() for c in checks],
-        "scenarios": results,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0 if all(c.passed is not False for c in checks) else 1
+    return {variant: run(variant == "on") for variant in ("on", "off")}
 
 
 if __name__ == "__main__":
-    # Run the importable module, not this __main__ copy: cloudpickle would send
-    # __main__ functions by value instead of by reference to this module.
-    from dask_pervasive.bench.placement import main as _main
-
-    sys.exit(_main())
+    # The entry point moved; without this, running the module would silently do nothing.
+    raise SystemExit("use: python -m dask_pervasive.bench placement (see --help)")

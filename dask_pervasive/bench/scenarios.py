@@ -4,7 +4,7 @@ Every strategy of a scenario runs the same jobs on a fresh
 ``LocalCluster(n_workers, threads_per_worker=1, processes=True)``, reading the
 same origin (its byte counter reset per run). A job is a batch of (claim,
 evidence) items scored with one model. Sizes, origin caps and the strategies
-each preset runs are in :data:`PRESETS`.
+each preset runs are in :data:`~dask_pervasive.bench.presets.PRESETS`.
 
 ``steady``
     One model, many jobs.
@@ -39,7 +39,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 from dask_pervasive.bench.harness import (
@@ -53,83 +53,9 @@ from dask_pervasive.bench.harness import (
     pervasive_transfers,
     worker_timeline,
 )
-from dask_pervasive.bench.strategies import DEFAULT_STRATEGIES, make_strategy
+from dask_pervasive.bench.presets import Params
+from dask_pervasive.bench.strategies import make_strategy
 from dask_pervasive.bench.workload import batches, make_items
-
-SCENARIOS = ("steady", "multi", "preempt", "scale-out", "batch-sweep")
-
-
-@dataclass(frozen=True)
-class Size:
-    """How big one scenario is, and which strategies run it by default."""
-
-    tasks: int  #: jobs (batch-sweep: items in total)
-    items: int  #: items per job (batch-sweep: set by sweep_batches)
-    #: origin cap, as the seconds one read of a model takes alone (bandwidth = model bytes / read_s)
-    read_s: float
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
-
-
-@dataclass(frozen=True)
-class Params:
-    """Sizes of every scenario (see :data:`PRESETS` and the module docstring)."""
-
-    workers: int = 2
-    model: str = "tiny"
-    seed: int = 0
-    sizes: dict[str, Size] = field(default_factory=dict)
-    bandwidth: float | None = None  #: origin cap in bytes/s for every scenario, overriding read_s
-    multi_fit: int = 2  #: contexts that fit in one worker's budget (multi has workers x multi_fit)
-    preempt_kills: tuple[float, ...] = (0.2, 0.45, 0.7)
-    preempt_gap_s: float = 2.0
-    scale_at: float = 0.1
-    sweep_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-
-    @property
-    def multi_contexts(self) -> int:
-        return self.workers * self.multi_fit
-
-    @property
-    def scale_to(self) -> int:
-        return 2 * self.workers
-
-    def origin_bandwidth(self, scenario: str, model_bytes: int) -> float:
-        return self.bandwidth or model_bytes / self.sizes[scenario].read_s
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "multi_contexts": self.multi_contexts, "scale_to": self.scale_to}
-
-
-# Why these sizes (docs/benchmarks.md has the long version). The origin cap is set per
-# scenario, as the time one read of the model takes alone, so that acquiring the model
-# is the cost the scenario is about. steady: 1.3 s (10 MB/s for the tiny model), some 40
-# forward passes of an item, so naive is bound by the origin and a CPU slowed down 3x by
-# other processes still leaves pervasive far ahead. multi and batch-sweep repeat many
-# loads: 0.7 s. preempt and scale-out measure acquiring the model again, from a busy
-# origin: 4 s and 3 s. Few items per job keep comparisons about loads, not CPU time.
-PRESETS = {
-    "quick": Params(
-        sizes={
-            "steady": Size(24, 4, 1.3),
-            "multi": Size(20, 2, 0.7, ("global-cache", "pervasive")),
-            "preempt": Size(48, 3, 4.0, ("global-cache", "pervasive")),
-            "scale-out": Size(40, 2, 3.0, ("pervasive",)),
-            "batch-sweep": Size(24, 0, 0.7, ("naive", "pervasive")),
-        },
-        sweep_batches=(1, 4, 12),
-        scale_at=0.05,
-    ),
-    "full": Params(
-        sizes={
-            "steady": Size(48, 4, 1.3),
-            "multi": Size(48, 2, 0.7),
-            "preempt": Size(96, 3, 4.0),
-            "scale-out": Size(96, 2, 3.0),
-            "batch-sweep": Size(128, 0, 0.7),
-        },
-        preempt_kills=(0.15, 0.35, 0.55, 0.75),
-    ),
-}
 
 
 @dataclass
@@ -502,8 +428,3 @@ def _sweep_phase(
     run["throughput"] = round(len(items) / makespan, 3)
     run["ideal_throughput"] = round(len(items) / (compute / params.workers), 3) if compute else None
     return run
-
-
-def with_overrides(params: Params, **overrides: Any) -> Params:
-    """``params`` with the given fields replaced (``None`` values ignored)."""
-    return replace(params, **{k: v for k, v in overrides.items() if v is not None})

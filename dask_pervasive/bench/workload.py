@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dask_pervasive.tiny_models import CORPUS
+from dask_pervasive.testing.models import CORPUS
 
 SENTENCES = [
     *CORPUS,
@@ -54,7 +54,7 @@ EVIDENCE_SENTENCES = 10
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A ``GPT2Config`` size for :func:`dask_pervasive.tiny_models.make_tiny_gpt2`."""
+    """A ``GPT2Config`` size for :func:`dask_pervasive.testing.make_tiny_gpt2`."""
 
     name: str
     n_layer: int

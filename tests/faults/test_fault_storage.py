@@ -7,7 +7,7 @@ wrong copy. Both copy paths are covered: the plain origin copy of
 :mod:`dask_pervasive.files` (``pervasive.transfer.peers: false``, or no
 scheduler plugin) and the coordinated one of :mod:`dask_pervasive.transfer`.
 
-Two fault-injecting origins: :class:`~dask_pervasive.bench.http_origin.HTTPOrigin`
+Two fault-injecting origins: :class:`~dask_pervasive.testing.HTTPOrigin`
 (``origin.inject(...)``: real sockets, for refused / stalled / cut / reset
 connections) and ``faulty://``, a local file system whose ``info`` / ``open``
 / ``read`` misbehave per a script (for faults the HTTP layer cannot see:

@@ -1,4 +1,4 @@
-"""Build small but real transformers models locally (no hub access needed).
+"""Small but real transformers models, built locally (no hub access needed).
 
 Tests, the demo and the benchmarks need a model that goes through the real
 ``from_pretrained`` path. :func:`make_tiny_gpt2` writes a randomly
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+#: The sentences the tokenizer is trained on (the demo and the benchmark workload reuse them).
 CORPUS = [
     "The Eiffel Tower is in Paris.",
     "Water boils at one hundred degrees Celsius at sea level.",

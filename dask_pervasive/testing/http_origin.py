@@ -1,4 +1,4 @@
-"""A bandwidth-capped HTTP origin on 127.0.0.1, for tests and benchmarks.
+"""A bandwidth-capped HTTP origin on 127.0.0.1, for tests and benchmarks (:class:`HTTPOrigin`).
 
 It simulates a contended shared filesystem: every byte of every file body,
 whatever the number of concurrent readers, goes through one global token
@@ -88,6 +88,7 @@ class Fault:
     hits: int = 0  #: requests it hit so far
 
     def matches(self, rel: str, body: bool) -> bool:
+        """Whether a request for ``rel`` (a file body when ``body``) is one this fault aims at."""
         if self.path is not None and rel != self.path.lstrip("/"):
             return False
         return body or self.on == "any"
@@ -96,8 +97,9 @@ class Fault:
 class _State:
     """What outlives a restart of the server: limits, counters, faults."""
 
-    def __init__(self, bandwidth: float | None) -> None:
+    def __init__(self, bandwidth: float | None, quiet: bool = False) -> None:
         self.bucket = TokenBucket(bandwidth)
+        self.quiet = quiet
         self.lock = threading.Lock()
         self.per_path: dict[str, int] = {}
         self.requests: dict[str, int] = {}
@@ -264,7 +266,7 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         import sys
 
-        if isinstance(sys.exc_info()[1], _CLIENT_GONE):
+        if self.state.quiet or isinstance(sys.exc_info()[1], _CLIENT_GONE):
             return  # a reader that timed out or was killed: nothing to report
         super().handle_error(request, client_address)
 
@@ -278,22 +280,33 @@ class HTTPOrigin:
         What to serve.
     bandwidth
         Global cap in bytes per second over all concurrent readers
-        (``None``: unlimited).
+        (``None``: unlimited); settable later through :attr:`bandwidth`.
+    quiet
+        Print no traceback for any request that fails on the server side
+        (a benchmark kills workers mid-read on purpose). Readers that go away
+        mid-response are never reported, quiet or not.
+
+    Examples
+    --------
+    >>> with HTTPOrigin(tmp_path, bandwidth=20e6) as origin:  # doctest: +SKIP
+    ...     ctx = dp.Context("model", load=..., source=origin.url("model/"))
     """
 
-    def __init__(self, directory: str | os.PathLike, bandwidth: float | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike, bandwidth: float | None = None, *, quiet: bool = False) -> None:
         self.directory = os.fspath(directory)
-        self._state = _State(bandwidth)
+        self._state = _State(bandwidth, quiet)
         self._server = _Server(self.directory, self._state)
         self._port = self._server.server_address[1]
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
+        """The TCP port, kept across :meth:`stop` and :meth:`start`."""
         return self._port
 
     @property
     def bandwidth(self) -> float | None:
+        """The global cap in bytes per second (``None``: unlimited); applies to bytes sent from now on."""
         return self._state.bucket.rate
 
     @bandwidth.setter
@@ -301,6 +314,7 @@ class HTTPOrigin:
         self._state.bucket.rate = value
 
     def url(self, path: str = "") -> str:
+        """``http://127.0.0.1:<port>/<path>``; a ``path`` ending in ``/`` names a directory source."""
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
     @property
@@ -310,6 +324,7 @@ class HTTPOrigin:
             return sum(self._state.per_path.values())
 
     def bytes_per_path(self) -> dict[str, int]:
+        """File-body bytes sent so far, per path relative to the served directory."""
         with self._state.lock:
             return dict(self._state.per_path)
 
@@ -321,6 +336,7 @@ class HTTPOrigin:
             return sum(self._state.requests.values())
 
     def reset_counters(self) -> None:
+        """Zero :attr:`bytes_served`, :meth:`bytes_per_path` and :meth:`requests` (faults stay)."""
         with self._state.lock:
             self._state.per_path.clear()
             self._state.requests.clear()

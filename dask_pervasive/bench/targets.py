@@ -1,0 +1,293 @@
+"""Every target of every benchmark, as rows of one form (what the report prints and stores).
+
+A row is a dict ``{"scenario", "metric", <value columns>, "target", "ok"}``:
+one ``value`` column (:func:`check`) or the plugin-on and -off columns
+(:func:`compare`); ``ok`` is ``True`` (met), ``False`` (missed) or ``None``
+(no target, or not measurable in this run). A run's exit status is 0 when no
+row has ``ok=False`` (:func:`exit_status`).
+
+* the strategy comparison: :func:`strategy_checks`;
+* placement, plugin on vs off: :func:`placement_checks`;
+* bootstrap, peers vs origin-only: :func:`bootstrap_checks`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dask_pervasive.bench.placement import (
+    BACKLOG_TASKS,
+    FEW_TASKS,
+    MULTI_TASKS,
+    PREEMPT_TASKS,
+    TASK_SECONDS,
+)
+
+
+def _row(scenario: str, metric: str, values: dict[str, Any], target: str, ok: bool | None) -> dict[str, Any]:
+    values = {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}
+    return {"scenario": scenario, "metric": metric, **values, "target": target, "ok": ok}
+
+
+def check(scenario: str, metric: str, value: Any, target: str, ok: bool | None) -> dict[str, Any]:
+    """A target row with one measured ``value`` (floats rounded to 3 decimals)."""
+    return _row(scenario, metric, {"value": value}, target, ok)
+
+
+def compare(scenario: str, metric: str, on: Any, off: Any, target: str, ok: bool | None) -> dict[str, Any]:
+    """A target row measured with the scheduler plugin ``on`` and ``off``."""
+    return _row(scenario, metric, {"on": on, "off": off}, target, ok)
+
+
+def exit_status(rows: list[dict[str, Any]]) -> int:
+    """0 when no target was missed, 1 otherwise."""
+    return 0 if all(r["ok"] is not False for r in rows) else 1
+
+
+def _le(value: float | None, bound: float) -> bool | None:
+    return None if value is None else value <= bound
+
+
+# -- the strategy comparison ----------------------------------------------------------------------
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def strategy_checks(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Targets of the strategy comparison, on the scenarios and strategies that ran (``ok=None``: not measurable)."""
+    out: list[dict[str, Any]] = []
+    scenarios = payload["scenarios"]
+    for name, result in scenarios.items():
+        out.extend(STRATEGY_CHECKS[name](result, payload))
+        eq = result["equality"]
+        same = all(e["identical"] for e in eq.values()) if name == "batch-sweep" else eq["identical"]
+        worst = max(e["max_abs_diff"] for e in eq.values()) if name == "batch-sweep" else eq["max_abs_diff"]
+        out.append(check(name, "same scores with every strategy (max abs diff)", worst, "<= 1e-4", same))
+    return out
+
+
+def _runs(result: dict[str, Any]) -> dict[str, Any]:
+    return result["runs"]
+
+
+def _makespan(result: dict[str, Any], strategy: str) -> float | None:
+    run = _runs(result).get(strategy)
+    return run["makespan_s"] if run else None
+
+
+def check_steady(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    perv = _runs(result).get("pervasive")
+    vs_naive = _ratio(_makespan(result, "pervasive"), _makespan(result, "naive"))
+    vs_ideal = _ratio(perv["makespan_s"], perv["ideal_s"]) if perv else None
+    return [
+        check("steady", "makespan pervasive / naive", vs_naive, "<= 0.30", _le(vs_naive, 0.30)),
+        check("steady", "makespan pervasive / ideal bound", vs_ideal, "<= 1.25", _le(vs_ideal, 1.25)),
+    ]
+
+
+def check_multi(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = _runs(result)
+    makespan = _ratio(_makespan(result, "pervasive"), _makespan(result, "global-cache"))
+    perv, gc = runs.get("pervasive"), runs.get("global-cache")
+    loads = _ratio(perv["loads"], gc["loads"]) if perv and gc else None
+    return [
+        check("multi", "makespan pervasive / global-cache", makespan, "<= 0.7", _le(makespan, 0.7)),
+        check("multi", "loads pervasive / global-cache", loads, "<= 0.5", _le(loads, 0.5)),
+    ]
+
+
+def check_preempt(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    perv = _runs(result).get("pervasive")
+    complete = perv["completed"] == perv["tasks"] and not perv["errors"] if perv else None
+    ratio = _ratio(_makespan(result, "pervasive"), _makespan(result, "global-cache"))
+    return [
+        check(
+            "preempt",
+            "pervasive tasks completed",
+            f"{perv['completed']}/{perv['tasks']}" if perv else None,
+            "all",
+            complete,
+        ),
+        check("preempt", "makespan pervasive / global-cache", ratio, "<= 0.8", _le(ratio, 0.8)),
+    ]
+
+
+def mean_time_to_warm(run: dict[str, Any] | None) -> float | None:
+    """Mean over workers that joined of (first load finished - joined); ``None`` if one never loaded."""
+    if not run or not run["time_to_warm"]:
+        return None
+    values = list(run["time_to_warm"].values())
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def check_scale_out(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = _runs(result)
+    perv = runs.get("pervasive")
+    reads = perv["origin_reads"] / len(result["contexts"]) if perv else None
+    warm = _ratio(mean_time_to_warm(perv), mean_time_to_warm(runs.get("pervasive-origin")))
+    return [
+        check("scale-out", "origin bytes / context size (pervasive)", reads, "<= 1.5", _le(reads, 1.5)),
+        check("scale-out", "time to warm pervasive / origin-only", warm, "<= 0.4", _le(warm, 0.4)),
+    ]
+
+
+def check_batch_sweep(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = _runs(result)
+    perv = runs["pervasive"]["throughput_max_over_min"] if "pervasive" in runs else None
+    naive = runs["naive"]["throughput_max_over_min"] if "naive" in runs else None
+    return [
+        check("batch-sweep", "throughput max/min (pervasive)", perv, "<= 1.5", _le(perv, 1.5)),
+        check(
+            "batch-sweep",
+            "throughput max/min pervasive vs naive",
+            f"{perv} vs {naive}",
+            "flatter",
+            None if perv is None or naive is None else perv < naive,
+        ),
+    ]
+
+
+STRATEGY_CHECKS = {
+    "steady": check_steady,
+    "multi": check_multi,
+    "preempt": check_preempt,
+    "scale-out": check_scale_out,
+    "batch-sweep": check_batch_sweep,
+}
+
+
+# -- placement: scheduler plugin on vs off --------------------------------------------------------
+def correct_results(scenario: str, on: dict[str, Any], off: dict[str, Any], expected: int) -> dict[str, Any]:
+    """Both variants returned ``expected`` correct results."""
+    return compare(
+        scenario,
+        "correct results",
+        on["correct"],
+        off["correct"],
+        str(expected),
+        on["correct"] == off["correct"] == expected,
+    )
+
+
+def check_few(r: dict[str, Any]) -> list[dict[str, Any]]:
+    on, off = r["on"], r["off"]
+    return [
+        compare("few", "loads", on["loads"], off["loads"], "on = 1, off >= 3", on["loads"] == 1 and off["loads"] >= 3),
+        compare(
+            "few", "makespan (s)", on["makespan_s"], off["makespan_s"], "on < off", on["makespan_s"] < off["makespan_s"]
+        ),
+        correct_results("few", on, off, FEW_TASKS),
+    ]
+
+
+def check_backlog(r: dict[str, Any]) -> list[dict[str, Any]]:
+    on, off = r["on"], r["off"]
+    single = BACKLOG_TASKS * TASK_SECONDS  # the whole backlog on the one warm worker
+    return [
+        compare(
+            "backlog",
+            "makespan (s)",
+            on["makespan_s"],
+            off["makespan_s"],
+            f"on <= {0.6 * single:.1f} (0.6 x single-warm {single:.1f})",
+            on["makespan_s"] <= 0.6 * single,
+        ),
+        compare(
+            "backlog",
+            "makespan / single-warm time",
+            round(on["makespan_s"] / single, 3),
+            round(off["makespan_s"] / single, 3),
+            "on <= 0.6",
+            on["makespan_s"] <= 0.6 * single,
+        ),
+        compare("backlog", "workers that loaded", on["workers_loaded"], off["workers_loaded"], "", None),
+        compare("backlog", "loads", on["loads"], off["loads"], "", None),
+        correct_results("backlog", on, off, BACKLOG_TASKS),
+    ]
+
+
+def check_multi_placement(r: dict[str, Any]) -> list[dict[str, Any]]:
+    on, off = r["on"], r["off"]
+    return [
+        compare("multi", "loads", on["loads"], off["loads"], "on <= 8", on["loads"] <= 8),
+        compare("multi", "makespan (s)", on["makespan_s"], off["makespan_s"], "", None),
+        compare("multi", "evictions", on["evictions"], off["evictions"], "", None),
+        correct_results("multi", on, off, MULTI_TASKS),
+    ]
+
+
+def check_preempt_placement(r: dict[str, Any]) -> list[dict[str, Any]]:
+    on, off = r["on"], r["off"]
+    on_new, off_new = len(on["loads_after_kill"]), len(off["loads_after_kill"])
+    return [
+        correct_results("preempt", on, off, PREEMPT_TASKS),
+        compare(
+            "preempt",
+            "results on dead worker",
+            on["results_on_dead_worker"],
+            off["results_on_dead_worker"],
+            "0",
+            on["results_on_dead_worker"] == off["results_on_dead_worker"] == 0,
+        ),
+        compare(
+            "preempt",
+            "post-kill tasks by worker state at kill",
+            _fmt_counts(on["post_kill_by_state"]),
+            _fmt_counts(off["post_kill_by_state"]),
+            "",
+            None,
+        ),
+        compare("preempt", "loads started after kill", on_new, off_new, "on = 0 (warm workers only)", on_new == 0),
+        compare(
+            "preempt",
+            "post-kill tasks that waited for a load",
+            on["post_kill_waited"],
+            off["post_kill_waited"],
+            "",
+            None,
+        ),
+        compare("preempt", "makespan (s)", on["makespan_s"], off["makespan_s"], "", None),
+    ]
+
+
+def check_plain(r: dict[str, Any]) -> list[dict[str, Any]]:
+    on, off = r["on"]["median_tasks_per_s"], r["off"]["median_tasks_per_s"]
+    correct = all(run["correct"] for v in ("on", "off") for run in r[v]["runs"])
+    return [
+        compare("plain", "median throughput (tasks/s)", on, off, "", None),
+        compare("plain", "plugin hook time, % of wall (median)", r["on"]["hook_share_pct"], "", "", None),
+        compare("plain", "throughput ratio on/off", r["ratio"], "", ">= 0.9", r["ratio"] >= 0.9),
+        compare("plain", "all results correct", correct, "", "True", correct),
+    ]
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+PLACEMENT_CHECKS = {
+    "few": check_few,
+    "backlog": check_backlog,
+    "multi": check_multi_placement,
+    "preempt": check_preempt_placement,
+    "plain": check_plain,
+}
+
+
+def placement_checks(scenario: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Targets of one placement scenario (``result``: its ``on`` and ``off`` runs)."""
+    return PLACEMENT_CHECKS[scenario](result)
+
+
+# -- bootstrap: peer transfer on vs off -----------------------------------------------------------
+def bootstrap_checks(results: dict[str, dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """Targets of the bootstrap comparison (``results``: the ``peers`` and ``origin-only`` variants)."""
+    peers, alone = results["peers"], results["origin-only"]
+    speedup = alone["seconds"] / peers["seconds"] if peers["seconds"] else float("inf")
+    ratio = peers["origin_bytes_served"] / size
+    correct = peers["all_loaded_correctly"] and alone["all_loaded_correctly"]
+    return [
+        check("bootstrap", "origin bytes / context size (peers)", ratio, "<= 1.5", ratio <= 1.5),
+        check("bootstrap", "speed-up vs origin-only", round(speedup, 2), ">= 3", speedup >= 3),
+        check("bootstrap", "every worker loaded the full context", correct, "True", correct),
+    ]
