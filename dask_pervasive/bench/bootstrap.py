@@ -62,7 +62,7 @@ import dask_pervasive as dp
 from dask_pervasive.bench.harness import fresh_cluster
 from dask_pervasive.bench.http_origin import HTTPOrigin
 from dask_pervasive.bench.placement import environment
-from dask_pervasive.files import MANIFEST
+from dask_pervasive.transfer import MANIFEST
 from dask_pervasive.worker import EVENT_TOPIC
 
 CONTEXT = "weights"
