@@ -32,12 +32,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dask.utils import format_bytes
 
 from . import devices
+from ._settings import TransferSettings
 from .context import Context
 from .devices import (
     is_device_oom,
@@ -52,7 +53,7 @@ from .errors import (
     ContextTooLargeError,
     UnknownContextError,
 )
-from .files import FetchResult, fetch_source
+from .transfer import FetchResult, fetch_source
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,8 @@ class ContextCache:
         return os.path.join(self.cache_dir, context.name, context.token)
 
     def _fetch_from_origin(self, context: Context, dest: str) -> FetchResult:
-        return fetch_source(context.source, context.storage_options, dest, self.chunk_size, self.verify)
+        settings = replace(TransferSettings.from_config(), chunk_size=self.chunk_size, verify=self.verify)
+        return fetch_source(context.source, context.storage_options, dest, settings)
 
     # -- budgets ------------------------------------------------------------
     def device_budget(self, device: str) -> int | None:

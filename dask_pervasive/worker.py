@@ -15,13 +15,13 @@ import dask.config
 from dask.utils import parse_bytes, parse_timedelta
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ._settings import TransferSettings
 from .cache import ContextCache, ContextEntry
 from .context import Context
 from .devices import device_total_memory
 from .errors import ConfigurationError, ContextDefinitionError
-from .files import RetryPolicy, remove_stale_parts
 from .metrics import HEARTBEAT_KEY, worker_heartbeat_metrics
-from .transfer import ContextServer, peer_fetcher
+from .transfer import ContextServer, peer_fetcher, remove_stale_parts
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -216,14 +216,8 @@ class ContextWorkerPlugin(WorkerPlugin):
         self.budget_wait = _seconds_setting(
             dask.config.get("pervasive.worker.budget-wait", 60.0), "pervasive.worker.budget-wait"
         )
-        self.chunk_size = parse_bytes(dask.config.get("pervasive.transfer.chunk-size"))
-        self.verify = bool(dask.config.get("pervasive.transfer.verify"))
-        self.peer_transfer = bool(dask.config.get("pervasive.transfer.peers"))
-        self.stall_timeout = parse_timedelta(dask.config.get("pervasive.transfer.stall-timeout"))
-        try:  # origin retries and timeouts travel with the plugin too
-            self.retry_policy = RetryPolicy.from_config()
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ConfigurationError(f"invalid pervasive.transfer setting: {exc}", "pervasive.transfer") from exc
+        # file copy settings (origin retries and timeouts too) travel with the plugin
+        self.transfer_settings = TransferSettings.from_config()
         self.cache: ContextCache | None = None
         self.worker: Worker | None = None
         self._device_budgets: dict[str, int | None] = {}
@@ -245,17 +239,15 @@ class ContextWorkerPlugin(WorkerPlugin):
             device_max_bytes=self._device_budget,
             retry_failed_after=self.retry_failed_after,
             budget_wait=self.budget_wait,
-            chunk_size=self.chunk_size,
-            verify=self.verify,
+            chunk_size=self.transfer_settings.chunk_size,
+            verify=self.transfer_settings.verify,
             on_change=self._publish,
         )
         # Context files: from peers first (coordinated by the scheduler plugin), else the origin;
         # served to peers, also while this worker is still copying them.
-        server = ContextServer(worker, self.cache, self.chunk_size)
+        server = ContextServer(worker, self.cache, self.transfer_settings)
         server.install()
-        self.cache.fetcher = peer_fetcher(
-            worker, self.chunk_size, self.verify, self.stall_timeout, self.peer_transfer, server, self.retry_policy
-        )
+        self.cache.fetcher = peer_fetcher(worker, self.transfer_settings, server)
         for ctx in self.contexts:
             self.cache.declare(ctx)
         # Contexts registered (dp.register) before this plugin reached the worker.

@@ -11,7 +11,7 @@ import pytest
 
 import dask_pervasive as dp
 from dask_pervasive.cache import ContextCache, State
-from dask_pervasive.files import MANIFEST
+from dask_pervasive.transfer import MANIFEST
 
 
 def read_text(path, device):

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+from typing import ClassVar
 
+import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
-from dask_pervasive.files import (
-    MANIFEST,
-    PART,
-    copy_stream,
-    fetch_source,
-    remove_stale_parts,
-)
+import dask_pervasive as dp
+from dask_pervasive._settings import TransferSettings
+from dask_pervasive.transfer import MANIFEST, PART, fetch_source, remove_stale_parts
+
+
+def settings(chunk_size: int, **kwargs) -> TransferSettings:
+    return TransferSettings(chunk_size=chunk_size, **kwargs)
 
 
 class Exploding(io.BytesIO):
@@ -30,20 +34,50 @@ class Exploding(io.BytesIO):
         return super().read(min(n, self.limit - self.tell()) if n > 0 else self.limit - self.tell())
 
 
-def test_interrupted_copy_leaves_nothing(tmp_path):
-    dest = tmp_path / "out.bin"
-    with pytest.raises(ConnectionResetError):
-        copy_stream(Exploding(b"x" * 1000, 300), str(dest), chunk_size=100)
-    assert os.listdir(tmp_path) == []
+class ExplodingFileSystem(MemoryFileSystem):
+    """``exploding://``: in-memory files whose reads die after :attr:`limit` bytes."""
+
+    protocol = ("exploding",)
+    store: ClassVar[dict] = {}
+    pseudo_dirs: ClassVar[list] = [""]
+    limit: ClassVar[int | None] = None
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol("memory://" + path.removeprefix("exploding://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        return f if self.limit is None else Exploding(f.getvalue(), self.limit)
 
 
-def test_copy_reports_size_and_hash(tmp_path):
-    import hashlib
+fsspec.register_implementation("exploding", ExplodingFileSystem, clobber=True)
 
+
+@pytest.fixture
+def exploding():
+    ExplodingFileSystem.store.clear()
+    yield ExplodingFileSystem()
+    ExplodingFileSystem.store.clear()
+    ExplodingFileSystem.limit = None
+
+
+def test_interrupted_copy_leaves_nothing(tmp_path, exploding):
+    exploding.pipe("/m/out.bin", b"x" * 1000)
+    ExplodingFileSystem.limit = 300
+    dest = tmp_path / "c"
+    with pytest.raises(dp.TransferError, match="origin went away"):
+        fetch_source("exploding://m", {}, str(dest), settings(100, retries=0))
+    assert [p for p in dest.rglob("*") if not p.is_dir()] == []
+
+
+def test_copy_reports_size_and_hash(tmp_path, exploding):
     data = os.urandom(5000)
-    n, digest = copy_stream(io.BytesIO(data), str(tmp_path / "a" / "b.bin"), 1024)
-    assert n == 5000 and digest == hashlib.sha256(data).hexdigest()
-    assert (tmp_path / "a" / "b.bin").read_bytes() == data
+    exploding.pipe("/m/a/b.bin", data)
+    result = fetch_source("exploding://m", {}, str(tmp_path / "c"), settings(1024))
+    assert result.manifest["files"]["a/b.bin"] == {"size": 5000, "sha256": hashlib.sha256(data).hexdigest()}
+    assert result.bytes_fetched == 5000
+    assert (tmp_path / "c" / "a" / "b.bin").read_bytes() == data
 
 
 def _origin(tmp_path):
@@ -60,7 +94,7 @@ def test_copy_without_manifest_is_refetched(tmp_path):
     dest = tmp_path / "cache"
     dest.mkdir()
     (dest / "a.bin").write_bytes(b"half")  # what a killed copy could leave
-    result = fetch_source(f"file://{src}", {}, str(dest), 1024)
+    result = fetch_source(f"file://{src}", {}, str(dest), settings(1024))
     assert not result.cached and result.bytes_fetched == 3006
     assert (dest / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
 
@@ -68,8 +102,8 @@ def test_copy_without_manifest_is_refetched(tmp_path):
 def test_complete_copy_reused(tmp_path):
     src = _origin(tmp_path)
     dest = str(tmp_path / "cache")
-    fetch_source(f"file://{src}", {}, dest, 1024)
-    again = fetch_source(f"file://{src}", {}, dest, 1024)
+    fetch_source(f"file://{src}", {}, dest, settings(1024))
+    again = fetch_source(f"file://{src}", {}, dest, settings(1024))
     assert again.cached and again.bytes_fetched == 0
 
 
@@ -77,7 +111,7 @@ def test_complete_copy_reused(tmp_path):
 def test_damaged_cached_copy_is_refetched(tmp_path, damage):
     src = _origin(tmp_path)
     dest = tmp_path / "cache"
-    fetch_source(f"file://{src}", {}, str(dest), 1024)
+    fetch_source(f"file://{src}", {}, str(dest), settings(1024))
     target = dest / "a.bin"
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:10])
@@ -87,7 +121,7 @@ def test_damaged_cached_copy_is_refetched(tmp_path, damage):
         target.write_bytes(bytes(data))
     else:
         target.unlink()
-    again = fetch_source(f"file://{src}", {}, str(dest), 1024, verify=True)
+    again = fetch_source(f"file://{src}", {}, str(dest), settings(1024, verify=True))
     assert not again.cached
     assert target.read_bytes() == (src / "a.bin").read_bytes()
     manifest = json.loads((dest / MANIFEST).read_text())
@@ -97,7 +131,7 @@ def test_damaged_cached_copy_is_refetched(tmp_path, damage):
 def test_empty_directory_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
-        fetch_source(f"file://{tmp_path}/empty", {}, str(tmp_path / "cache"), 1024)
+        fetch_source(f"file://{tmp_path}/empty", {}, str(tmp_path / "cache"), settings(1024))
 
 
 def test_memory_filesystem_source(tmp_path):
@@ -106,7 +140,7 @@ def test_memory_filesystem_source(tmp_path):
     fs = fsspec.filesystem("memory")
     fs.pipe("/models/m/weights.bin", b"w" * 100)
     fs.pipe("/models/m/cfg/config.json", b"{}")
-    result = fetch_source("memory://models/m", {}, str(tmp_path / "c"), 16)
+    result = fetch_source("memory://models/m", {}, str(tmp_path / "c"), settings(16))
     assert result.bytes_fetched == 102
     assert (tmp_path / "c" / "cfg" / "config.json").read_bytes() == b"{}"
 

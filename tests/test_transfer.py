@@ -11,11 +11,10 @@ import types
 import fsspec
 import pytest
 from distributed.utils_test import captured_logger, gen_cluster
-from transfer_helpers import coordinator, copy_dir, digests, fake_scheduler, make_model, model_context
+from transfer_helpers import caps, coordinator, copy_dir, digests, fake_scheduler, make_model, model_context
 
 import dask_pervasive as dp
-from dask_pervasive.files import MANIFEST, PART
-from dask_pervasive.transfer import ORIGIN, WAIT, PeerFileSystem, SourceCoordinator
+from dask_pervasive.transfer import MANIFEST, ORIGIN, PART, WAIT, PeerFileSystem, SourceCoordinator
 
 SMALL_CHUNKS = {"pervasive.transfer.chunk-size": "32KiB"}
 
@@ -285,7 +284,7 @@ def test_entry_point_declared():
 def test_coordinator_caps_origin_and_uploads_and_fans_out():
     async def run():
         s = fake_scheduler("w1", "w2", "w3", "w4", "w5")
-        co = SourceCoordinator(s, {}, origin_max_concurrent=1, peer_max_uploads=1)
+        co = SourceCoordinator(s, {}, caps(1, 1))
         first = await co.acquire("m", "w1")
         assert first["source"] == ORIGIN and first["digest"] is None
         # the others follow workers still copying (one upload slot each) instead of re-reading the origin
@@ -318,7 +317,7 @@ def test_coordinator_releases_slots_of_dead_workers_and_skips_suspects():
     async def run():
         warm = {"m": {"w1": types.SimpleNamespace(files=True), "w2": types.SimpleNamespace(files=False)}}
         s = fake_scheduler("w1", "w2", "w3", "w4")
-        co = SourceCoordinator(s, warm, origin_max_concurrent=1, peer_max_uploads=1)
+        co = SourceCoordinator(s, warm, caps(1, 1))
         lease = await co.acquire("m", "w2")
         assert lease["source"] == "w1" and co.uploads["w1"] == 1
         origin = await co.acquire("n", "w3")
@@ -347,7 +346,7 @@ def test_coordinator_releases_slots_of_dead_workers_and_skips_suspects():
 def test_coordinator_grows_a_shallow_tree():
     async def run():
         s = fake_scheduler(*(f"w{i}" for i in range(1, 8)))
-        co = SourceCoordinator(s, {}, origin_max_concurrent=1, peer_max_uploads=2)
+        co = SourceCoordinator(s, {}, caps(1, 2))
         got = {w: (await co.acquire("m", w))["source"] for w in s.workers}
         assert got["w1"] == ORIGIN
         assert got["w2"] == got["w3"] == "w1"

@@ -13,8 +13,8 @@ import types
 from pathlib import Path
 
 import dask_pervasive as dp
-from dask_pervasive.files import MANIFEST, PART
-from dask_pervasive.transfer import SourceCoordinator
+from dask_pervasive._settings import TransferSettings
+from dask_pervasive.transfer import MANIFEST, PART, SourceCoordinator
 
 
 def write_model(
@@ -68,6 +68,11 @@ def copy_dir(worker, name: str = "m") -> Path:
 def coordinator(s) -> SourceCoordinator:
     """The scheduler plugin's transfer coordinator."""
     return s.plugins["pervasive"].transfer
+
+
+def caps(origin_max_concurrent: int, peer_max_uploads: int) -> TransferSettings:
+    """Transfer settings with these coordinator caps (the rest: defaults)."""
+    return TransferSettings(origin_max_concurrent=origin_max_concurrent, peer_max_uploads=peer_max_uploads)
 
 
 def fake_scheduler(*workers: str) -> types.SimpleNamespace:

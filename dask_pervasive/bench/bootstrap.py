@@ -59,7 +59,7 @@ import dask
 import dask_pervasive as dp
 from dask_pervasive._protocol import EVENT_TOPIC
 from dask_pervasive.bench.harness import fresh_cluster
-from dask_pervasive.files import MANIFEST
+from dask_pervasive.transfer import MANIFEST
 
 if TYPE_CHECKING:
     from dask_pervasive.testing import HTTPOrigin

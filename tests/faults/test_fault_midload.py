@@ -26,7 +26,7 @@ from preemption_tools import (
     wait_until,
     worker_references,
 )
-from transfer_helpers import fake_scheduler
+from transfer_helpers import caps, fake_scheduler
 
 import dask_pervasive as dp
 from dask_pervasive.transfer import ORIGIN, WAIT, SourceCoordinator
@@ -109,7 +109,7 @@ def test_receiver_dying_while_waiting_for_a_source_gets_no_lease():
 
     async def run():
         s = fake_scheduler("w1", "w2")
-        co = SourceCoordinator(s, {}, origin_max_concurrent=1, peer_max_uploads=1)
+        co = SourceCoordinator(s, {}, caps(1, 1))
         first = await co.acquire("other", "w1")
         assert first["source"] == ORIGIN  # the one origin slot
         waiter = asyncio.ensure_future(co.acquire("m", "w2", wait=5))  # nobody has "m": waits for the origin

@@ -21,11 +21,20 @@ from distributed.security import Security
 from distributed.utils_test import captured_logger, gen_cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transfer_helpers import coordinator, copy_dir, digests, fake_scheduler, load_digests, make_model, model_context
+from transfer_helpers import (
+    caps,
+    coordinator,
+    copy_dir,
+    digests,
+    fake_scheduler,
+    load_digests,
+    make_model,
+    model_context,
+)
 
 import dask_pervasive as dp
-from dask_pervasive.files import MANIFEST, safe_relpath
-from dask_pervasive.transfer import ContextServer, SourceCoordinator, _check_manifest, _safe_name
+from dask_pervasive.transfer import MANIFEST, SourceCoordinator
+from dask_pervasive.transfer._manifest import check_manifest, resolve_file, safe_name, safe_relpath
 
 SMALL_CHUNKS = {"pervasive.transfer.chunk-size": "32KiB"}
 CHUNK = 32 * 2**10
@@ -216,7 +225,7 @@ def test_coordinator_never_trusts_a_malformed_first_manifest(manifest):
 
     async def run():
         sched = fake_scheduler("w1", "w2", "w3")
-        co = SourceCoordinator(sched, {}, origin_max_concurrent=1, peer_max_uploads=1)
+        co = SourceCoordinator(sched, {}, caps(1, 1))
         lease = await co.acquire("m", "w1")
         with captured_logger("dask_pervasive.transfer") as log:
             co.release(lease["lease"], ok=True, manifest=manifest)
@@ -281,7 +290,7 @@ def test_safe_relpath_never_leaves_the_root(text):
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(PATHS, JSON))
 def test_safe_name_accepts_only_plain_relative_paths(value):
-    if _safe_name(value):
+    if safe_name(value):
         assert isinstance(value, str) and inside("/srv/cache/m", value)
         parts = value.split("/")
         assert all(p not in ("", ".", "..") for p in parts) and not value.startswith(MANIFEST)
@@ -291,14 +300,14 @@ def test_safe_name_accepts_only_plain_relative_paths(value):
 @given(st.one_of(JSON, MANIFESTS))
 def test_check_manifest_rejects_bad_input_with_transfer_error_only(manifest):
     try:
-        checked = _check_manifest(manifest)
+        checked = check_manifest(manifest)
     except (dp.TransferError, ValueError):
         return
     for rel, meta in checked["files"].items():
-        assert _safe_name(rel) and inside("/srv/cache/m", rel)
+        assert safe_name(rel) and inside("/srv/cache/m", rel)
         assert set(meta) == {"size", "sha256"} and type(meta["size"]) is int and meta["size"] >= 0
         assert len(meta["sha256"]) == 64
-    assert all(_safe_name(r) for r in checked["expected"] or ())
+    assert all(safe_name(r) for r in checked["expected"] or ())
     assert checked["is_file"] in (True, False, None)
     json.dumps(checked)  # plain data
 
@@ -326,7 +335,7 @@ def test_server_resolves_only_inside_the_copy(served_tree, path):
     key = path if isinstance(path, str) else "a"
     manifest = {"files": {key: {"size": 1, "sha256": "0" * 64}, "a": {"size": 1, "sha256": "0" * 64}}}
     try:
-        full, _ = ContextServer._resolve(served_tree, manifest, path)
+        full, _ = resolve_file(served_tree, manifest, path)
     except LookupError:
         return
     root = os.path.realpath(served_tree)

@@ -4,8 +4,8 @@ Every fault ends in either the right bytes (transient faults, after bounded
 retries with backoff) or a clear ``TransferError`` / ``ContextLoadError``
 within a bounded time (permanent faults) — never a hang and never a trusted
 wrong copy. Both copy paths are covered: the plain origin copy of
-:mod:`dask_pervasive.files` (``pervasive.transfer.peers: false``, or no
-scheduler plugin) and the coordinated one of :mod:`dask_pervasive.transfer`.
+:func:`dask_pervasive.transfer.fetch_source` (``pervasive.transfer.peers: false``,
+or no scheduler plugin) and the coordinated one of :mod:`dask_pervasive.transfer`.
 
 Two fault-injecting origins: :class:`~dask_pervasive.testing.HTTPOrigin`
 (``origin.inject(...)``: real sockets, for refused / stalled / cut / reset
@@ -34,12 +34,13 @@ from fsspec.implementations.local import LocalFileSystem
 from transfer_helpers import coordinator, digests, write_model
 
 import dask_pervasive as dp
-from dask_pervasive.files import MANIFEST, PART, RetryPolicy, fetch_source
+from dask_pervasive._settings import TransferSettings
+from dask_pervasive.transfer import MANIFEST, PART, RetryPolicy, fetch_source
 
 CHUNK = 32 * 2**10
 SIZES = (200_000, 70_000)
 #: Fast retries for tests: 3 attempts, 50 ms then 100 ms apart (with jitter: 25-100 ms).
-FAST = RetryPolicy(retries=2, backoff=0.05, backoff_max=1.0, stall_timeout=1.0)
+FAST = TransferSettings(chunk_size=CHUNK, retries=2, retry_backoff=0.05, retry_backoff_max=1.0, stall_timeout=1.0)
 FAST_CONFIG = {
     "pervasive.transfer.chunk-size": "32KiB",
     "pervasive.transfer.retries": 2,
@@ -221,7 +222,7 @@ def test_origin_refusing_connections_fails_clearly_after_bounded_retries(origin,
     http.stop()  # nothing listens on the port: connection refused
     start = time.monotonic()
     with pytest.raises(dp.TransferError, match=r"failed 3 time\(s\).*retries=2") as err:
-        fetch_source(url, {}, str(tmp_path / "c"), CHUNK, policy=FAST)
+        fetch_source(url, {}, str(tmp_path / "c"), FAST)
     assert time.monotonic() - start < BOUND
     assert "Cannot connect" in str(err.value) or "refused" in str(err.value).lower()
     assert len(retry_warnings(caplog)) == 2  # bounded: two retries, each logged
@@ -233,8 +234,8 @@ def test_origin_down_then_back_recovers(origin, tmp_path):
     url = http.url("model/")
     http.stop()
     threading.Timer(0.5, http.start).start()  # back on the same port half a second later
-    policy = RetryPolicy(retries=6, backoff=0.2, backoff_max=1.0, stall_timeout=2.0)
-    result = fetch_source(url, {}, str(tmp_path / "c"), CHUNK, policy=policy)
+    patient = TransferSettings(chunk_size=CHUNK, retries=6, retry_backoff=0.2, retry_backoff_max=1.0, stall_timeout=2.0)
+    result = fetch_source(url, {}, str(tmp_path / "c"), patient)
     assert read_tree(result.path) == digests(files)
 
 
@@ -243,7 +244,7 @@ def test_origin_down_then_back_recovers(origin, tmp_path):
 def test_transient_http_fault_recovers_transparently(origin, tmp_path, kind, times):
     http, files = origin
     fault = http.inject(kind, path="model/w0.bin", times=times)
-    result = fetch_source(http.url("model/"), {}, str(tmp_path / "c"), CHUNK, policy=FAST)
+    result = fetch_source(http.url("model/"), {}, str(tmp_path / "c"), FAST)
     assert fault.hits == times
     assert read_tree(result.path) == digests(files)
     assert json.loads((tmp_path / "c" / MANIFEST).read_text())["files"]["w0.bin"]["size"] == SIZES[0]
@@ -257,7 +258,7 @@ def test_permanent_http_fault_fails_clearly_never_hangs(origin, tmp_path, kind, 
     before = set(threading.enumerate())
     start = time.monotonic()
     with pytest.raises(dp.TransferError, match=r"failed 3 time\(s\)"):
-        fetch_source(http.url("model/"), {}, str(tmp_path / "c"), CHUNK, policy=FAST)
+        fetch_source(http.url("model/"), {}, str(tmp_path / "c"), FAST)
     assert time.monotonic() - start < BOUND
     assert len(retry_warnings(caplog)) == FAST.retries  # exactly the attempts allowed
     assert_attempts(fault, FAST.retries + 1)
@@ -270,10 +271,10 @@ def test_corrupt_refetch_is_checked_against_the_first_manifest(origin, tmp_path)
     """Without a reference the first fetch defines the manifest; a refetch must match it."""
     http, files = origin
     dest = tmp_path / "c"
-    fetch_source(http.url("model/"), {}, str(dest), CHUNK, policy=FAST)
+    fetch_source(http.url("model/"), {}, str(dest), FAST)
     (dest / "w0.bin").write_bytes(b"damaged on disk")  # the cached copy fails verification
     fault = http.inject("corrupt", path="model/w0.bin")  # and the origin flips a byte on the next read
-    result = fetch_source(http.url("model/"), {}, str(dest), CHUNK, policy=FAST)
+    result = fetch_source(http.url("model/"), {}, str(dest), FAST)
     assert fault.hits == 1 and not result.cached
     assert read_tree(result.path) == digests(files)
     assert http.bytes_per_path()["model/w1.bin"] == SIZES[1]  # intact files were not read again
@@ -282,12 +283,12 @@ def test_corrupt_refetch_is_checked_against_the_first_manifest(origin, tmp_path)
 def test_origin_that_changed_since_the_first_copy_is_an_error(origin, tmp_path):
     http, _ = origin
     dest = tmp_path / "c"
-    fetch_source(http.url("model/"), {}, str(dest), CHUNK, policy=FAST)
+    fetch_source(http.url("model/"), {}, str(dest), FAST)
     (dest / "w0.bin").unlink()
     Path(http.directory, "model", "w0.bin").write_bytes(os.urandom(SIZES[0]))  # changed in place
     http.reset_counters()
     with pytest.raises(dp.TransferError, match="does not match the manifest"):
-        fetch_source(http.url("model/"), {}, str(dest), CHUNK, policy=FAST)
+        fetch_source(http.url("model/"), {}, str(dest), FAST)
     assert http.bytes_per_path()["model/w0.bin"] == 3 * SIZES[0]  # read 1 + 2 retries, then gave up
     assert not (dest / MANIFEST).exists() and not (dest / "w0.bin").exists()
 
@@ -297,10 +298,10 @@ def test_transient_store_fault_recovers(faulty, tmp_path, kind):
     url, files = faulty
     dest = tmp_path / "c"
     if kind == "flip":  # needs a reference: a first good copy, then a refetch of a damaged file
-        fetch_source(url, {}, str(dest), CHUNK, policy=FAST)
+        fetch_source(url, {}, str(dest), FAST)
         (dest / "w0.bin").unlink()
     script = FaultyFileSystem.script = [Misbehave(kind, path="w0.bin")]
-    result = fetch_source(url, {}, str(dest), CHUNK, policy=FAST)
+    result = fetch_source(url, {}, str(dest), FAST)
     assert script[0].hits == 1
     assert read_tree(result.path) == digests(files)
 
@@ -310,7 +311,7 @@ def test_file_shorter_than_listed_is_never_trusted(faulty, tmp_path):
     url, _ = faulty
     FaultyFileSystem.script = [Misbehave("short", path="w0.bin", times=None)]
     with pytest.raises(dp.TransferError, match=r"got 100000 bytes .* lists 200000 \(truncated\?\)"):
-        fetch_source(url, {}, str(tmp_path / "c"), CHUNK, policy=FAST)
+        fetch_source(url, {}, str(tmp_path / "c"), FAST)
     assert not (tmp_path / "c" / MANIFEST).exists() and not (tmp_path / "c" / "w0.bin").exists()
 
 
@@ -320,19 +321,19 @@ def test_store_without_timeouts_is_bounded_by_the_stall_watchdog(faulty, tmp_pat
     FaultyFileSystem.script = [Misbehave("stall", path="w0.bin", times=None)]
     start = time.monotonic()
     with pytest.raises(dp.TransferError, match="no answer for 1s"):
-        fetch_source(url, {}, str(tmp_path / "c"), CHUNK, policy=FAST)
+        fetch_source(url, {}, str(tmp_path / "c"), FAST)
     assert time.monotonic() - start < BOUND
     FaultyFileSystem.release.set()
     # and a stall that happens once costs one stall-timeout, then the copy goes on
     FaultyFileSystem.release = threading.Event()
     FaultyFileSystem.script = [Misbehave("stall", path="w0.bin")]
-    result = fetch_source(url, {}, str(tmp_path / "c"), CHUNK, policy=FAST)
+    result = fetch_source(url, {}, str(tmp_path / "c"), FAST)
     assert read_tree(result.path) == digests(files)
 
 
 def test_missing_source_is_not_retried(tmp_path, caplog):
     with pytest.raises(FileNotFoundError):
-        fetch_source(f"file://{tmp_path}/nope/", {}, str(tmp_path / "c"), CHUNK, policy=FAST)
+        fetch_source(f"file://{tmp_path}/nope/", {}, str(tmp_path / "c"), FAST)
     assert not retry_warnings(caplog)
 
 
@@ -346,12 +347,12 @@ def test_retry_policy_from_config_and_backoff_is_capped():
             "pervasive.transfer.retry-backoff-max": "1s",
         }
     ):
-        policy = RetryPolicy.from_config()
+        policy = RetryPolicy.from_settings(TransferSettings.from_config())
     assert (policy.retries, policy.backoff, policy.backoff_max) == (5, 0.2, 1.0)
     delays = [policy.delay(k) for k in range(1, 7)]
     assert 0.1 <= delays[0] <= 0.2 and 0.2 <= delays[1] <= 0.4 and 0.4 <= delays[2] <= 0.8
     assert all(0.5 <= d <= 1.0 for d in delays[3:])  # capped (with jitter)
-    with pytest.raises(ValueError):
+    with pytest.raises(dp.ConfigurationError):
         RetryPolicy(retries=-1)
 
 

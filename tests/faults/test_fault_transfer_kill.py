@@ -29,8 +29,8 @@ from distributed.utils_test import gen_cluster
 from transfer_helpers import coordinator, digests, load_digests, write_model
 
 import dask_pervasive as dp
-from dask_pervasive.files import MANIFEST, PART, cached_copy, fetch_source
-from dask_pervasive.transfer import ORIGIN
+from dask_pervasive._settings import TransferSettings
+from dask_pervasive.transfer import MANIFEST, ORIGIN, PART, cached_copy, fetch_source
 
 CONFIG = {
     "pervasive.transfer.chunk-size": "32KiB",
@@ -94,7 +94,10 @@ async def kill(c, address: str) -> None:
 
 def untrusted(dest: str) -> bool:
     """The killed worker's copy (if its directory still exists) is not a complete copy."""
-    return not os.path.exists(os.path.join(dest, MANIFEST)) and cached_copy(None, dest, 2**20) is None
+    return (
+        not os.path.exists(os.path.join(dest, MANIFEST))
+        and cached_copy(None, dest, TransferSettings(chunk_size=2**20)) is None
+    )
 
 
 # -- receivers killed ---------------------------------------------------------------------------------
@@ -172,8 +175,9 @@ async def test_holder_killed_mid_upload(c, s, a, b, http_origin):
 _COPIER = textwrap.dedent(
     """
     import sys
-    from dask_pervasive.files import fetch_source, RetryPolicy
-    fetch_source(sys.argv[1], {}, sys.argv[2], 32 * 2**10, policy=RetryPolicy(retries=0, stall_timeout=60))
+    from dask_pervasive._settings import TransferSettings
+    from dask_pervasive.transfer import fetch_source
+    fetch_source(sys.argv[1], {}, sys.argv[2], TransferSettings(chunk_size=32 * 2**10, retries=0, stall_timeout=60))
     """
 )
 
@@ -202,7 +206,7 @@ def test_killed_copy_is_never_trusted_and_cleaned_by_the_next_fetch(http_origin,
     assert parts and all(f".{pid}." in p.name for p in parts)  # named after the dead writer
     assert untrusted(str(dest))
     http_origin.bandwidth = None
-    result = fetch_source(http_origin.url("model/"), {}, str(dest), 32 * 2**10)
+    result = fetch_source(http_origin.url("model/"), {}, str(dest), TransferSettings(chunk_size=32 * 2**10))
     assert load_digests(result.path, "cpu") == digests(files)
     assert not list(dest.rglob(f"*{PART}*"))  # the dead writer's files are gone at once, not in an hour
 

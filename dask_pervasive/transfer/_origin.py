@@ -1,0 +1,300 @@
+"""Reading a context's files from its origin (any fsspec URL): the one origin-copy driver.
+
+:class:`OriginCopy` lists the origin and puts its files in place one by one,
+each streamed into a temporary file, every call on the origin bounded and
+retried (:mod:`._retry`), resumed at the byte offset reached after a failed
+read, size-checked against the listing and, when a reference manifest is
+known, checked against it. :func:`fetch_source` is the copy without peers
+(``pervasive.transfer.peers: false``, no scheduler plugin, or a cache of its
+own); the receiver (:mod:`._receiver`) uses the same driver when its source is
+the origin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from ..errors import TransferError
+from ._manifest import (
+    FetchResult,
+    cached_copy,
+    is_count,
+    local_path,
+    matches,
+    read_manifest,
+    safe_relpath,
+    write_manifest,
+)
+from ._parts import PartialFile, remove_stale_parts
+from ._retry import OriginMismatch, RetryPolicy, StallGuard, retrying
+
+if TYPE_CHECKING:
+    from .._settings import TransferSettings
+
+logger = logging.getLogger(__name__)
+
+
+def origin_filesystem(
+    source: str, storage_options: Mapping | None, stall_timeout: float | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``url_to_fs(source)``; for ``http(s)``, with connect and read timeouts of ``stall_timeout``.
+
+    The :class:`~._retry.StallGuard` bounds every call anyway; aiohttp's own
+    timeouts also end the stalled request (and its thread) instead of leaving
+    it blocked. Timeouts given in ``storage_options["client_kwargs"]`` win.
+    """
+    options = dict(storage_options or {})
+    protocol = source.split("://", 1)[0].split("::")[-1].lower() if "://" in source else "file"
+    if stall_timeout and protocol in ("http", "https"):
+        client_kwargs = dict(options.get("client_kwargs") or {})
+        if "timeout" not in client_kwargs:
+            try:
+                import aiohttp
+            except ImportError:  # pragma: no cover - fsspec's http needs it anyway
+                pass
+            else:
+                client_kwargs["timeout"] = aiohttp.ClientTimeout(
+                    total=None, sock_connect=stall_timeout, sock_read=stall_timeout
+                )
+                options["client_kwargs"] = client_kwargs
+    return url_to_fs(source, **options)
+
+
+def open_for_copy(fs: fsspec.AbstractFileSystem, path: str, chunk_size: int):
+    """Open ``path`` to be read once, front to back, in ``chunk_size`` pieces.
+
+    Without read-ahead caching: fsspec's default (``readahead``, 5 MiB blocks)
+    re-requests overlapping ranges when reads are not block-aligned, which
+    reads about one block per file twice from remote stores.
+    """
+    try:
+        return fs.open(path, "rb", block_size=chunk_size, cache_type="none")
+    except TypeError:  # a filesystem whose open() takes no caching options
+        return fs.open(path, "rb")
+
+
+# -- listing ------------------------------------------------------------------------------------
+@dataclass
+class SourceListing:
+    """What an origin holds: ``files`` maps relative path → remote path."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    files: dict[str, str]
+    is_file: bool
+    #: relative path → size the origin lists (``None`` where it does not say, e.g. http listings)
+    sizes: dict[str, int | None] = field(default_factory=dict)
+
+
+def _size(info: Any) -> int | None:
+    size = info.get("size") if isinstance(info, Mapping) else None
+    return size if is_count(size) else None
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def list_source(source: str, storage_options: Mapping | None, policy: RetryPolicy) -> SourceListing:
+    """Resolve ``source`` to its files, every call bounded and retried by ``policy``."""
+
+    def attempt(_: int) -> SourceListing:
+        fs, root = origin_filesystem(source, storage_options, policy.stall_timeout)
+        with StallGuard(policy.stall_timeout, f"listing {source}") as guard:
+            return _list(fs, root, source, guard)
+
+    return retrying(attempt, policy, f"listing the origin {source}")
+
+
+def _list(fs: fsspec.AbstractFileSystem, root: str, source: str, call: Callable) -> SourceListing:
+    # fs.info, not fs.isdir: for http, isdir GETs the whole body. http's info
+    # says "file" for everything (a directory is an HTML index page): there a
+    # trailing slash marks a directory, listed from the links of its index.
+    info = call(fs.info, root)
+    web = any(p in ("http", "https") for p in _protocols(fs))
+    if info["type"] == "directory" or source.endswith("/"):
+        found = call(lambda: fs.find(root, detail=True))
+        base = root.rstrip("/")
+        files: dict[str, str] = {}
+        sizes: dict[str, int | None] = {}
+        for p in sorted(found):
+            rel = p[len(base) :].lstrip("/") if p.startswith(base) else posixpath.basename(p)
+            if web:
+                rel = urllib.parse.unquote(rel.split("?")[0])
+            rel = safe_relpath(rel)
+            files[rel] = p
+            sizes[rel] = _size(found[p])
+        if not files:
+            raise FileNotFoundError(f"source {source!r} is an empty directory")
+        return SourceListing(fs, root, files, False, sizes)
+    name = safe_relpath(posixpath.basename(root.rstrip("/")).split("?")[0] or "data")
+    return SourceListing(fs, root, {name: root}, True, {name: _size(info)})
+
+
+# -- copying --------------------------------------------------------------------------------------
+class OriginCopy:
+    """Files of the origin ``source`` put in place in ``dest``: listed, then one by one.
+
+    Parameters
+    ----------
+    source, storage_options
+        The origin (an fsspec URL and its options).
+    dest
+        The copy's directory.
+    settings
+        Chunk size, retries, backoff and stall timeout.
+    what
+        What is copied, for messages (``"context 'llm'"``).
+    on_bytes
+        Called with the size of every chunk read (from a thread).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        storage_options: Mapping | None,
+        dest: str,
+        settings: TransferSettings,
+        *,
+        what: str | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.storage_options = dict(storage_options or {})
+        self.dest = dest
+        self.chunk_size = settings.chunk_size
+        self.policy = RetryPolicy.from_settings(settings)
+        self.what = what
+        self.on_bytes = on_bytes
+        self.bytes = 0  #: bytes read from the origin so far
+        self.listing: SourceListing | None = None
+
+    def list(self) -> SourceListing:
+        """List the origin (bounded, retried)."""
+        self.listing = list_source(self.source, self.storage_options, self.policy)
+        return self.listing
+
+    def fetch(self, rel: str, expected: Mapping | None = None, partial: PartialFile | None = None) -> dict:
+        """Put file ``rel`` of the listing in place; returns its ``{"size", "sha256"}``.
+
+        A file already matching ``expected`` (a reference manifest's entry)
+        is kept. Otherwise it is read into ``partial`` (resuming at its
+        offset: bytes received from a peer) or a new temporary file,
+        checked against the listed size and ``expected``, and renamed into
+        place; the temporary file is gone either way.
+        """
+        assert self.listing is not None, "list() first"
+        if partial is None:
+            final = os.path.join(self.dest, *rel.split("/"))
+            if expected is not None and matches(final, expected, self.chunk_size):
+                return dict(expected)  # intact part of a damaged or interrupted copy
+            partial = PartialFile(final)
+        of = f" of {self.what}" if self.what else ""
+        try:
+            got = self._read(rel, partial, expected, f"reading {rel!r}{of} from the origin {self.source}")
+            partial.commit(None)
+        finally:
+            partial.discard()  # no-op after a commit
+        return got
+
+    def _count(self, n: int) -> None:
+        self.bytes += n
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    def _read(self, rel: str, partial: PartialFile, expected: Mapping | None, what: str) -> dict:
+        """Append ``rel`` (from ``partial.offset`` on) to ``partial``, bounded and retried.
+
+        After a failed read the copy resumes at the offset reached; a result
+        whose size differs from the listed one (else what the open file
+        reports) or whose size and sha256 differ from ``expected`` is read
+        again from the start. Bytes that came from elsewhere (a peer) and do
+        not match are dropped without counting as an attempt.
+        """
+        listing = self.listing
+        remote, size = listing.files[rel], listing.sizes.get(rel)
+
+        def attempt(_: int) -> dict:
+            with StallGuard(self.policy.stall_timeout, what) as guard:
+                src = guard(open_for_copy, listing.fs, remote, self.chunk_size)
+                try:
+                    listed = size if size is not None else getattr(src, "size", None)
+                    listed = listed if is_count(listed) else None
+                    if partial.offset:
+                        try:
+                            guard(src.seek, partial.offset)
+                        except (ValueError, OSError, NotImplementedError):  # cannot seek (streaming): start over
+                            partial.reset()
+                    partial.sources.add("origin")
+                    while chunk := guard(src.read, self.chunk_size):
+                        partial.absorb(chunk)
+                        self._count(len(chunk))
+                        if listed is not None and partial.offset > listed:
+                            break
+                finally:
+                    guard.later(src.close)
+            got = partial.digest()
+            problem = None
+            if listed is not None and got["size"] != listed:
+                problem = f"got {got['size']} bytes of {remote}, the origin lists {listed} (truncated?)"
+            elif expected is not None and (got["size"], got["sha256"]) != (expected["size"], expected["sha256"]):
+                problem = (
+                    f"{remote} ({got['size']} bytes, sha256 {got['sha256'][:12]}…) does not match the manifest "
+                    f"({expected['size']} bytes, sha256 {expected['sha256'][:12]}…): corrupt read, or the origin "
+                    "changed"
+                )
+            if problem is None:
+                return got
+            foreign = partial.sources - {"origin"}
+            partial.reset()
+            if foreign:  # bytes from another source were the bad ones: not the origin's fault
+                logger.warning("pervasive: %s; dropping bytes received from %s", problem, sorted(foreign))
+                return attempt(0)
+            raise OriginMismatch(problem)
+
+        return retrying(attempt, self.policy, what)
+
+
+def fetch_source(source: str, storage_options: Mapping | None, dest: str, settings: TransferSettings) -> FetchResult:
+    """Make ``dest`` a complete, verified local copy of ``source``, read from the origin only.
+
+    A complete earlier copy (manifest present, sizes — and with
+    ``settings.verify`` hashes — matching) is reused without reading the
+    source. When an earlier copy was damaged, its manifest is the reference:
+    files still matching it are kept, the others are read again and must
+    match it (an origin that changed since is an error, not a silent update
+    of one worker). Temporary files of dead processes in ``dest`` are
+    removed first.
+    """
+    start = time.perf_counter()
+    earlier = read_manifest(dest)
+    cached = cached_copy(source, dest, settings)
+    if cached is not None:
+        return cached
+    os.makedirs(dest, exist_ok=True)
+    remove_stale_parts(dest)
+
+    copy = OriginCopy(source, storage_options, dest, settings)
+    listing = copy.list()
+    reference = earlier["files"] if earlier is not None else {}
+    if earlier is not None and set(reference) != set(listing.files):
+        raise TransferError(
+            f"the origin {source} now lists other files than the copy made earlier in {dest}; if it was "
+            "updated on purpose, give the context a new name (or clear the cache directory)"
+        )
+    entries = {rel: copy.fetch(rel, reference.get(rel)) for rel in listing.files}
+    manifest = {"source": source, "is_file": listing.is_file, "files": entries}
+    write_manifest(dest, manifest)
+    seconds = time.perf_counter() - start
+    return FetchResult(local_path(dest, manifest), manifest, copy.bytes, seconds, sources={"origin": copy.bytes})
