@@ -24,7 +24,6 @@ contexts on that device and retries the load once.
 
 from __future__ import annotations
 
-import enum
 import gc
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any
 from dask.utils import format_bytes
 
 from . import devices
+from ._protocol import State
 from .context import Context
 from .devices import (
     is_device_oom,
@@ -55,15 +55,6 @@ from .errors import (
 from .files import FetchResult, fetch_source
 
 logger = logging.getLogger(__name__)
-
-
-class State(str, enum.Enum):
-    ABSENT = "absent"
-    FETCHING = "fetching"
-    LOADING = "loading"
-    RESIDENT = "resident"
-    EVICTED = "evicted"
-    FAILED = "failed"
 
 
 @dataclass
