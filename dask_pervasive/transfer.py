@@ -64,6 +64,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.spec import AbstractBufferedFile
 
+from . import config
 from .errors import TransferError
 from .files import (
     MANIFEST,
@@ -281,7 +282,7 @@ class SourceCoordinator:
         origin_max_concurrent: int | None = None,
         peer_max_uploads: int | None = None,
     ) -> None:
-        cfg = dask.config.get("pervasive.transfer")
+        cfg = config.get("transfer")
         self.scheduler = scheduler
         self.warm = warm if warm is not None else {}
         self.origin_max = int(cfg["origin-max-concurrent"] if origin_max_concurrent is None else origin_max_concurrent)
