@@ -35,11 +35,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import dask.config
 import fsspec
 from dask.utils import parse_timedelta
 from fsspec.core import url_to_fs
 
+from . import config
 from .errors import TransferError
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class RetryPolicy:
     @classmethod
     def from_config(cls, **overrides: Any) -> RetryPolicy:
         """The policy ``pervasive.transfer.*`` sets here; keyword arguments win."""
-        cfg = dask.config.get("pervasive.transfer")
+        cfg = config.get("transfer")
         values = {
             "retries": int(cfg.get("retries", 3)),
             "backoff": parse_timedelta(cfg.get("retry-backoff", "1s")),

@@ -56,7 +56,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import dask.config
 import fsspec
 from dask.utils import parse_bytes, parse_timedelta
 from distributed.protocol import to_serialize
@@ -107,11 +106,11 @@ _PARTIAL_POLL = 0.1  # seconds between looks at a peer that is still copying
 
 
 def _config_bytes(key: str) -> int:
-    return parse_bytes(dask.config.get(f"pervasive.transfer.{key}"))
+    return parse_bytes(config.get(f"transfer.{key}"))
 
 
 def _config_seconds(key: str) -> float:
-    return parse_timedelta(dask.config.get(f"pervasive.transfer.{key}"))
+    return parse_timedelta(config.get(f"transfer.{key}"))
 
 
 class _Corrupt(TransferError):
