@@ -68,8 +68,8 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
 
     All of these, ``pervasive.worker.retry-failed-after`` and
     ``pervasive.transfer.*`` (for the source coordinator) are read once, where
-    the plugin is built, into :attr:`settings` (a
-    :class:`~dask_pervasive._settings.SchedulerSettings`).
+    the plugin is built, into ``settings`` (a
+    ``SchedulerSettings`` from ``dask_pervasive._settings``).
 
     Raises
     ------

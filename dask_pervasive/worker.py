@@ -106,7 +106,7 @@ class ContextWorkerPlugin(WorkerPlugin):
     (how long a load waits for contexts in use to make room before failing with
     :class:`~dask_pervasive.BudgetExhaustedError`) are read from the config,
     with ``pervasive.transfer.*``: all of them once, where the plugin is built,
-    into :attr:`settings` (a :class:`~dask_pervasive._settings.WorkerSettings`)
+    into ``settings`` (a ``WorkerSettings`` from ``dask_pervasive._settings``)
     that is pickled with the plugin.
 
     Raises
