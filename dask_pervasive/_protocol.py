@@ -9,6 +9,7 @@ once, here.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 #: Name of both plugins (``worker.plugins[PLUGIN_NAME]``, ``scheduler.plugins[PLUGIN_NAME]``).
 PLUGIN_NAME = "pervasive"
@@ -79,3 +80,32 @@ METADATA_CONTEXTS = ("pervasive", "contexts")
 METADATA_DEFINITIONS = ("pervasive", "definitions")
 #: The coordinator's published transfer state.
 METADATA_TRANSFER = ("pervasive", "transfer")
+
+
+def warm_map_entry(
+    states: Iterable[tuple[str, str, bool]], affinity: Iterable[str] | None = None
+) -> dict[str, list[str]]:
+    """One context's row of the warm map :func:`dask_pervasive.where` returns.
+
+    Parameters
+    ----------
+    states
+        ``(worker, state, has_files)`` for each worker that reported the context.
+    affinity
+        The scheduler plugin's affinity set; ``None`` (no scheduler plugin)
+        leaves the ``"affinity"`` list out.
+    """
+    row: dict[str, list[str]] = {"resident": [], "files": [], "loading": [], "failed": []}
+    for worker, value, files in sorted(states, key=lambda s: s[0]):
+        state = State(value)  # set membership of plain strings depends on the Python version's Enum hash
+        if state is State.RESIDENT:
+            row["resident"].append(worker)
+        elif state in WARMING_STATES:
+            row["loading"].append(worker)
+        elif state is State.FAILED:
+            row["failed"].append(worker)
+        if files:
+            row["files"].append(worker)
+    if affinity is not None:
+        row["affinity"] = sorted(affinity)
+    return row

@@ -24,7 +24,6 @@ contexts on that device and retries the load once.
 
 from __future__ import annotations
 
-import enum
 import gc
 import logging
 import os
@@ -32,12 +31,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dask.utils import format_bytes
 
 from . import devices
+from ._budget import BudgetAccounting
+from ._protocol import State
 from ._settings import TransferSettings
 from .context import Context
 from .devices import (
@@ -56,15 +57,6 @@ from .errors import (
 from .transfer import FetchResult, fetch_source
 
 logger = logging.getLogger(__name__)
-
-
-class State(str, enum.Enum):
-    ABSENT = "absent"
-    FETCHING = "fetching"
-    LOADING = "loading"
-    RESIDENT = "resident"
-    EVICTED = "evicted"
-    FAILED = "failed"
 
 
 @dataclass
@@ -107,7 +99,7 @@ class ContextEntry:
         return self.context.name
 
 
-class ContextCache:
+class ContextCache(BudgetAccounting):
     """Materialized contexts of one worker, kept under memory budgets.
 
     Parameters
@@ -127,8 +119,9 @@ class ContextCache:
         Seconds a load waits for contexts in use to be released when they
         leave no room for it under a budget, before it fails with
         :class:`~dask_pervasive.errors.BudgetExhaustedError`.
-    chunk_size, verify
-        File copy parameters (``pervasive.transfer.*``).
+    transfer
+        File copy settings (``pervasive.transfer.*``) for the default fetcher
+        and for verifying cached copies; the packaged defaults when ``None``.
     on_change
         ``on_change(entry)`` after every state change (used to tell the
         scheduler); called without the lock held.
@@ -147,8 +140,7 @@ class ContextCache:
         device_max_bytes: int | None | Callable[[str], int | None] = None,
         retry_failed_after: float = 30.0,
         budget_wait: float = 60.0,
-        chunk_size: int = 4 * 2**20,
-        verify: bool = True,
+        transfer: TransferSettings | None = None,
         on_change: Callable[[ContextEntry], None] | None = None,
         fetcher: Callable[[Context, str], FetchResult] | None = None,
     ) -> None:
@@ -158,8 +150,7 @@ class ContextCache:
         self._device_max_bytes = device_max_bytes
         self.retry_failed_after = retry_failed_after
         self.budget_wait = budget_wait
-        self.chunk_size = chunk_size
-        self.verify = verify
+        self.transfer = transfer if transfer is not None else TransferSettings()
         self.on_change = on_change
         self.fetcher = fetcher or self._fetch_from_origin
         self.entries: dict[str, ContextEntry] = {}
@@ -198,156 +189,7 @@ class ContextCache:
         return os.path.join(self.cache_dir, context.name, context.token)
 
     def _fetch_from_origin(self, context: Context, dest: str) -> FetchResult:
-        settings = replace(TransferSettings.from_config(), chunk_size=self.chunk_size, verify=self.verify)
-        return fetch_source(context.source, context.storage_options, dest, settings)
-
-    # -- budgets ------------------------------------------------------------
-    def device_budget(self, device: str) -> int | None:
-        b = self._device_max_bytes
-        return b(device) if callable(b) else b
-
-    def _held(self) -> list[ContextEntry]:
-        # Loading/fetching entries hold their declared size: room was made for it.
-        return [e for e in self.entries.values() if e.state in (State.RESIDENT, State.LOADING, State.FETCHING)]
-
-    def _overages_locked(self) -> set[str]:
-        """Budgets currently exceeded: ``"host"`` and/or device names."""
-        held = self._held()
-        over = set()
-        if self.max_bytes is not None and sum(e.host_bytes for e in held) > self.max_bytes:
-            over.add("host")
-        by_device: dict[str, int] = {}
-        for e in held:
-            if e.device_bytes:
-                by_device[e.device] = by_device.get(e.device, 0) + e.device_bytes
-        for device, used in by_device.items():
-            budget = self.device_budget(device)
-            if budget is not None and used > budget:
-                over.add(device)
-        return over
-
-    def _check_fits(self, entry: ContextEntry, host: int, dev: int) -> None:
-        if self.max_bytes is not None and host > self.max_bytes:
-            raise ContextTooLargeError(entry.name, host, self.max_bytes, "host", self.address)
-        if dev and entry.device:
-            budget = self.device_budget(entry.device)
-            if budget is not None and dev > budget:
-                raise ContextTooLargeError(entry.name, dev, budget, "device", self.address)
-
-    def _shortfall_locked(self, entry: ContextEntry, host: int, dev: int) -> set[str]:
-        """Budgets (``"host"`` / a device) that adding ``host``/``dev`` bytes for ``entry`` would exceed."""
-        held = [e for e in self._held() if e is not entry]
-        over = set()
-        if host and self.max_bytes is not None and sum(e.host_bytes for e in held) + host > self.max_bytes:
-            over.add("host")
-        if dev and entry.device:
-            budget = self.device_budget(entry.device)
-            used = sum(e.device_bytes for e in held if e.device == entry.device)
-            if budget is not None and used + dev > budget:
-                over.add(entry.device)
-        return over
-
-    def _reserve(self, entry: ContextEntry, host: int, dev: int, key: Any) -> None:
-        """Account ``host``/``dev`` bytes for ``entry`` once they fit under the budgets.
-
-        Evicts idle contexts (LRU first). When contexts in use take the room,
-        waits up to ``budget_wait`` seconds for their tasks to release them,
-        then raises :class:`BudgetExhaustedError`. Raises at once when the
-        room is taken by contexts the requesting task ``key`` holds itself
-        (it cannot release them while it waits).
-        """
-        deadline = time.monotonic() + self.budget_wait
-        while True:
-            with self._lock:
-                entry.host_bytes = entry.device_bytes = 0  # not counted while waiting for room
-                victims, over = self._evict_lru_locked(lambda: self._shortfall_locked(entry, host, dev))
-                if not over:
-                    entry.host_bytes, entry.device_bytes = host, dev
-                    return_now = True
-                else:
-                    return_now = False
-                    if not victims:
-                        remaining = deadline - time.monotonic()
-                        own = self._blocked_by_own_locked(entry, host, dev, key, over)
-                        if remaining <= 0 or own:
-                            raise self._exhausted_locked(entry, host, dev, over, self.budget_wait - max(0, remaining))
-                        logger.info(
-                            "pervasive: context %r on %s waits for room (%s budget taken by contexts in use)",
-                            entry.name,
-                            self.address,
-                            " and ".join(sorted(over)),
-                        )
-                        self._cond.wait(min(remaining, 1.0))
-            # Victims are torn down outside the lock, before waiting or loading.
-            self._teardown(victims)
-            if return_now:
-                return
-
-    def _blocked_by_own_locked(self, entry: ContextEntry, host: int, dev: int, key: Any, over: set[str]) -> bool:
-        """Whether the contexts task ``key`` holds leave no room, so waiting cannot help."""
-        if key is None or not self._holders.get(key):
-            return False
-        own = {n: self.entries[n] for n in self._holders[key] if n in self.entries and n != entry.name}
-        if (
-            "host" in over
-            and self.max_bytes is not None
-            and sum(e.host_bytes for e in own.values()) + host > self.max_bytes
-        ):
-            return True
-        for device in over - {"host"}:
-            budget = self.device_budget(device)
-            if budget is not None and sum(e.device_bytes for e in own.values() if e.device == device) + dev > budget:
-                return True
-        return False
-
-    def _exhausted_locked(
-        self, entry: ContextEntry, host: int, dev: int, over: set[str], waited: float
-    ) -> BudgetExhaustedError:
-        kind = "host" if "host" in over else "device"
-        device = None if kind == "host" else next(iter(sorted(over - {"host"})))
-        in_use = [
-            (e.name, e.host_bytes if kind == "host" else e.device_bytes, e.users or e.state.value)
-            for e in self._held()
-            if e is not entry and (e.host_bytes if kind == "host" else (e.device == device and e.device_bytes))
-        ]
-        budget = self.max_bytes if kind == "host" else self.device_budget(device)
-        return BudgetExhaustedError(
-            entry.name, host if kind == "host" else dev, budget or 0, kind, self.address, in_use, waited
-        )
-
-    def _evict_lru_locked(self, overage: Callable[[], set[str]]) -> tuple[list[ContextEntry], set[str]]:
-        """Evict least-recently-used idle contexts while ``overage()`` names a budget.
-
-        Only resident contexts no task holds, and only ones that count
-        towards an exceeded budget, are evicted. Returns the victims (to tear
-        down outside the lock) and the budgets still exceeded.
-        """
-        victims = []
-        while over := overage():
-            idle = [
-                e
-                for e in self.entries.values()
-                if e.state is State.RESIDENT
-                and e.users == 0
-                and (("host" in over and e.host_bytes) or (e.device in over and e.device_bytes))
-            ]
-            if not idle:
-                break
-            victim = min(idle, key=lambda e: e.last_used)
-            self._evict_locked(victim)
-            victims.append(victim)
-        return victims, over
-
-    def _make_room_locked(self) -> list[ContextEntry]:
-        """Evict least-recently-used idle contexts while a budget is exceeded."""
-        victims, over = self._evict_lru_locked(self._overages_locked)
-        if over:
-            logger.warning(
-                "Contexts in use on worker %s exceed the %s budget; idle contexts will be evicted as tasks finish",
-                self.address,
-                " and ".join(sorted(over)),
-            )
-        return victims
+        return fetch_source(context.source, context.storage_options, dest, self.transfer)
 
     def _evict_locked(self, entry: ContextEntry) -> None:
         entry.released, entry.value = entry.value, None

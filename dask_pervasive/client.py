@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .cache import State
+from ._protocol import METADATA_CONTEXTS, METADATA_DEFINITIONS, PLUGIN_NAME, State, warm_map_entry
 from .context import Context
 from .errors import (
     ContextDefinitionError,
@@ -17,7 +17,6 @@ from .errors import (
     UnknownContextError,
 )
 from .worker import (
-    PLUGIN_NAME,
     ContextDeclaration,
     ContextWorkerPlugin,
     _check_contexts,
@@ -28,9 +27,9 @@ if TYPE_CHECKING:
     import pandas as pd
     from distributed import Client
 
-_METADATA = ("pervasive", "contexts")
+_METADATA = METADATA_CONTEXTS
 #: ``{name: Context.describe()}``, to name both sides of a conflicting redefinition.
-_DEFINITIONS = ("pervasive", "definitions")
+_DEFINITIONS = METADATA_DEFINITIONS
 
 
 # -- functions run on workers with client.run ---------------------------------
@@ -69,8 +68,7 @@ async def _prewarm_on_worker(name: str, dask_worker) -> str:
             f"ContextWorkerPlugin is not installed on worker {dask_worker.address}: "
             "call dask_pervasive.install(client, contexts) first"
         )
-    # Load in a thread: loading can take minutes and must not block the event loop.
-    await asyncio.get_running_loop().run_in_executor(None, lambda: plugin.cache.acquire(name, None, count_hit=False))
+    await plugin.prewarm(name)
     return dask_worker.address
 
 
@@ -203,26 +201,18 @@ async def _known_names(client: Client, rows: list[dict]) -> set[str]:
 
 
 async def _where(client: Client) -> dict[str, dict[str, list[str]]]:
+    declared = await client.get_metadata(list(_METADATA), default={}) or {}
     warm_map = await client.run_on_scheduler(_warm_map_on_scheduler)
     if warm_map is not None:  # the scheduler plugin's view, which placement uses
-        for name in await client.get_metadata(list(_METADATA), default={}) or {}:
-            warm_map.setdefault(name, {"resident": [], "files": [], "loading": [], "failed": [], "affinity": []})
+        for name in declared:
+            warm_map.setdefault(name, warm_map_entry((), affinity=()))
         return warm_map
+    # No scheduler plugin: the same map from the workers' own snapshots, without affinity sets.
     rows = await _snapshots(client)
-    out: dict[str, dict[str, list[str]]] = {
-        n: {"resident": [], "files": [], "loading": [], "failed": []} for n in await _known_names(client, rows)
-    }
-    for r in sorted(rows, key=lambda r: r["worker"]):
-        d = out[r["context"]]
-        if r["state"] == State.RESIDENT.value:
-            d["resident"].append(r["worker"])
-        elif r["state"] in (State.FETCHING.value, State.LOADING.value):
-            d["loading"].append(r["worker"])
-        elif r["state"] == State.FAILED.value:
-            d["failed"].append(r["worker"])
-        if r["files"]:
-            d["files"].append(r["worker"])
-    return out
+    by_name: dict[str, list[tuple[str, str, bool]]] = {name: [] for name in declared}
+    for r in rows:
+        by_name.setdefault(r["context"], []).append((r["worker"], r["state"], r["files"]))
+    return {name: warm_map_entry(states) for name, states in by_name.items()}
 
 
 def where(client: Client) -> dict[str, dict[str, list[str]]]:

@@ -14,6 +14,7 @@ import fsspec
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
+from ._protocol import CONTEXT_ATTR
 from .devices import validate_device
 from .errors import ContextDefinitionError
 
@@ -32,6 +33,40 @@ def check_name(name: Any) -> str:
             f"'_', '.', '-'; at most 128 characters), got {name!r}"
         )
     return name
+
+
+def import_path(spec: str) -> Any:
+    """Import the object named by ``"module:attr"`` or ``"module.attr"`` (``attr`` may be dotted).
+
+    Raises
+    ------
+    ValueError
+        ``spec`` has neither form.
+    ImportError
+        The module cannot be imported here or lacks the attribute; the message
+        names ``spec``.
+    """
+    module_name, sep, attr = spec.strip().partition(":")
+    if not sep:
+        module_name, _, attr = spec.strip().rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"{spec!r} is not of the form 'module:attr' or 'module.attr'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"cannot import module {module_name!r} for {spec!r} on this process ({exc}); "
+            "install it where this runs or put it on its PYTHONPATH",
+            name=module_name,
+        ) from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(
+                f"module {module_name!r} has no attribute {attr!r} (from {spec!r})", name=module_name
+            ) from None
+    return obj
 
 
 @dataclass(frozen=True)
@@ -53,22 +88,7 @@ class ImportedCallable:
 
     def resolve(self) -> Callable[..., Any]:
         """Import and return the callable (``ImportError``/``TypeError`` naming ``spec``)."""
-        module, _, attr = self.spec.partition(":")
-        try:
-            obj: Any = importlib.import_module(module)
-        except ImportError as exc:
-            raise ImportError(
-                f"cannot import module {module!r} for {self.spec!r} on this process ({exc}); "
-                "install it on the workers or put it on their PYTHONPATH",
-                name=module,
-            ) from exc
-        for part in attr.split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                raise ImportError(
-                    f"module {module!r} has no attribute {attr!r} (from {self.spec!r})", name=module
-                ) from None
+        obj = import_path(self.spec)
         if not callable(obj):
             raise TypeError(f"{self.spec!r} is a {type(obj).__name__}, not a callable")
         return obj
@@ -431,3 +451,12 @@ class TransformersContext(Context):
         )
         self.model_class = model_class
         self.torch_dtype = torch_dtype
+
+
+def context_of(func: Any) -> str | None:
+    """The context a :func:`~dask_pervasive.uses_context`-decorated function needs, else ``None``.
+
+    Here rather than in :mod:`dask_pervasive.task` so that the scheduler half
+    can read task specs without importing the worker half.
+    """
+    return getattr(func, CONTEXT_ATTR, None)

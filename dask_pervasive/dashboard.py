@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from dask.utils import format_bytes
 from distributed.http.utils import RequestHandler
 
-from .worker import PLUGIN_NAME
+from ._protocol import PLUGIN_NAME, State
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -103,7 +103,7 @@ def add_dashboard_page(scheduler: Scheduler, plugin: ContextSchedulerPlugin | No
 
     Examples
     --------
-    >>> add_dashboard_page(scheduler, scheduler.plugins["pervasive"])  # doctest: +SKIP
+    >>> add_dashboard_page(scheduler, scheduler.plugins[PLUGIN_NAME])  # doctest: +SKIP
     '/pervasive'
     """
     page = _pages.get(scheduler)
@@ -131,9 +131,9 @@ def _cell(plugin: ContextSchedulerPlugin, name: str, addr: str) -> str:
     wc = plugin.warm.get(name, {}).get(addr)
     plan = plugin.plans.get(name)
     in_set = plan is not None and addr in plan.members
-    state = wc.state if wc is not None else "absent"
+    state = State(wc.state).value if wc is not None else State.ABSENT.value
     parts = [state if wc is not None else '<span class="muted">–</span>']
-    if wc is not None and wc.files and state != "resident":
+    if wc is not None and wc.files and state != State.RESIDENT.value:
         parts.append("files")
     if in_set:
         parts.append('<span class="affinity" title="in the affinity set">★</span>')

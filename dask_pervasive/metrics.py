@@ -10,7 +10,8 @@ hits, evictions, failures, bytes fetched by source (``peer``/``origin``);
 per context: placements on warm and cold workers.
 
 Workers report their counters with their heartbeats: a worker that runs
-:func:`worker_heartbeat_metrics` under ``worker.metrics["pervasive"]`` sends
+:func:`dask_pervasive.worker.worker_heartbeat_metrics` under
+``worker.metrics[HEARTBEAT_KEY]`` (the worker plugin puts it there) sends
 them in every heartbeat and the scheduler keeps the latest in
 ``WorkerState.metrics``. Without it only ``loads`` is known (from the
 context-state events the scheduler plugin receives).
@@ -23,21 +24,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from distributed.http.prometheus import PrometheusCollector
 
+from ._protocol import HEARTBEAT_KEY
+
 if TYPE_CHECKING:
-    from distributed import Scheduler, Worker
+    from distributed import Scheduler
     from prometheus_client.core import Metric
 
     from .scheduler import ContextSchedulerPlugin
 
 logger = logging.getLogger(__name__)
 
-#: Key of the per-context counters in ``worker.metrics`` / ``WorkerState.metrics``.
-HEARTBEAT_KEY = "pervasive"
 
 #: Counters every worker keeps per context, with the help text of their metric.
 COUNTERS: dict[str, str] = {
@@ -52,28 +52,10 @@ COUNTERS: dict[str, str] = {
 BYTES_BY_SOURCE = {"peer": "bytes_from_peers", "origin": "bytes_from_origin"}
 #: Optional ``ContextPlan`` counters, read when the scheduler plugin keeps them.
 PLACEMENTS_BY_KIND = {"warm": "warm_placements", "cold": "cold_placements"}
+#: Lists of the warm map (:func:`dask_pervasive._protocol.warm_map_entry`) exported as gauges.
 _WARM_STATES = ("resident", "loading", "files", "failed")
 
 _registered: PervasiveMetricCollector | None = None
-
-
-def worker_heartbeat_metrics(worker: Worker) -> dict[str, dict[str, float]]:
-    """``{context: counters}`` of one worker, for ``worker.metrics[HEARTBEAT_KEY]``.
-
-    distributed calls every ``worker.metrics`` entry when it builds a
-    heartbeat and stores the result in the scheduler's
-    ``WorkerState.metrics``, which the collector reads.
-
-    Examples
-    --------
-    >>> worker.metrics[HEARTBEAT_KEY] = worker_heartbeat_metrics  # doctest: +SKIP
-    """
-    from .worker import plugin_on  # lazily: worker.py may import this module
-
-    plugin = plugin_on(worker)
-    if plugin is None or plugin.cache is None:
-        return {}
-    return {entry.name: asdict(entry.counters) for entry in list(plugin.cache.entries.values())}
 
 
 class PervasiveMetricCollector(PrometheusCollector):
@@ -238,7 +220,7 @@ def register_metrics(scheduler: Scheduler, plugin: ContextSchedulerPlugin) -> Pe
 
     Examples
     --------
-    >>> register_metrics(scheduler, scheduler.plugins["pervasive"])  # doctest: +SKIP
+    >>> register_metrics(scheduler, scheduler.plugins[PLUGIN_NAME])  # doctest: +SKIP
     """
     global _registered
     try:

@@ -37,23 +37,21 @@ declare the contexts in config (``DASK_PERVASIVE__CONTEXTS=mypkg.contexts:CONTEX
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
-import dask.config
 import yaml
 from distributed import Scheduler, Worker
 from distributed.core import Status
 
-from .cache import State
-from .context import Context, TransformersContext
-from .metrics import HEARTBEAT_KEY, worker_heartbeat_metrics
+from . import config
+from ._protocol import PLUGIN_NAME
+from .context import Context, TransformersContext, import_path
 from .scheduler import ContextSchedulerPlugin
-from .worker import PLUGIN_NAME, ContextDeclaration, ContextWorkerPlugin, _check_contexts, plugin_on
+from .worker import ContextDeclaration, ContextWorkerPlugin, _check_contexts, plugin_on
 
 if TYPE_CHECKING:
     from distributed.core import Server
@@ -91,24 +89,10 @@ def import_object(spec: str, where: str) -> Any:
     """
     if not isinstance(spec, str):
         raise TypeError(f"{where}: expected 'module:attr', got {type(spec).__name__} {spec!r}")
-    module_name, sep, attr = spec.strip().partition(":")
-    if not sep:
-        module_name, _, attr = spec.strip().rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"{where}: {spec!r} is not of the form 'module:attr' or 'module.attr'")
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(
-            f"{where}: cannot import module {module_name!r} for {spec!r} ({exc}); "
-            "is it installed or on PYTHONPATH where this process runs?"
-        ) from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"{where}: module {module_name!r} has no attribute {attr!r} (from {spec!r})") from None
-    return obj
+        return import_path(spec)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def _as_contexts(obj: Any, where: str) -> list[Context]:
@@ -200,7 +184,7 @@ def parse_contexts(value: Any, where: str) -> list[Context]:
 
 def contexts_from_config() -> list[Context]:
     """The contexts declared in ``dask.config`` under ``pervasive.contexts``."""
-    return parse_contexts(dask.config.get(CONFIG_KEY, default=None), f"dask config {CONFIG_KEY!r}")
+    return parse_contexts(config.get("contexts"), f"dask config {CONFIG_KEY!r}")
 
 
 def _option_callback(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> list[Context] | None:
@@ -230,16 +214,16 @@ async def setup_worker(worker: Worker, contexts: Iterable[Context] = ()) -> Cont
 
     Each context is also installed as a worker-local
     :class:`~dask_pervasive.worker.ContextDeclaration`, as
-    :func:`dask_pervasive.register` does cluster-wide. The worker's context
-    counters are added to its heartbeats for :mod:`dask_pervasive.metrics`.
+    :func:`dask_pervasive.register` does cluster-wide, so a plugin that
+    replaces ours (registration, or a later :func:`dask_pervasive.install`)
+    declares them too (see ``ContextWorkerPlugin.setup``), which also adds the
+    counters to the worker's heartbeats.
     """
     contexts = _check_contexts([*contexts_from_config(), *contexts])
     await worker.plugin_add(ContextWorkerPlugin(contexts), name=PLUGIN_NAME, catch_errors=False)
     for ctx in contexts:
         await worker.plugin_add(ContextDeclaration(ctx), catch_errors=False)
-    # Counters for the scheduler's Prometheus metrics, sent with every heartbeat.
-    worker.metrics.setdefault(HEARTBEAT_KEY, worker_heartbeat_metrics)
-    _spawn(_announce_when_registered(worker, contexts))
+    _spawn(_announce_when_registered(worker))
     logger.info("pervasive: preload installed contexts %s on %s", [c.name for c in contexts], worker.address)
     return worker.plugins[PLUGIN_NAME]  # type: ignore[return-value]
 
@@ -252,12 +236,12 @@ def _registered(worker: Worker) -> bool:
     return worker.status in (Status.running, Status.paused) and heartbeat is not None and heartbeat.is_running()
 
 
-async def _announce_when_registered(worker: Worker, contexts: list[Context]) -> None:
+async def _announce_when_registered(worker: Worker) -> None:
     """Re-send what the scheduler missed while the worker was not registered yet.
 
     If the scheduler already held a ``"pervasive"`` worker plugin (someone
     called :func:`dask_pervasive.install`), registration replaced ours with
-    it: declare the preload's contexts on that one too.
+    it; that one declared the preload's contexts from their declarations.
     """
     delay = 0.005
     while not _registered(worker):
@@ -269,21 +253,7 @@ async def _announce_when_registered(worker: Worker, contexts: list[Context]) -> 
     if plugin is None:
         logger.warning("pervasive: ContextWorkerPlugin disappeared from %s before registration", worker.address)
         return
-    for ctx in contexts:
-        try:
-            plugin.cache.declare(ctx)
-        except ValueError:
-            logger.exception("pervasive: preload context %r conflicts with the cluster's", ctx.name)
-    announce(plugin)
-
-
-def announce(plugin: ContextWorkerPlugin) -> None:
-    """Publish the worker's budgets and every known context state to the scheduler."""
     plugin.announce()
-    assert plugin.cache is not None
-    for entry in list(plugin.cache.entries.values()):
-        if entry.state is not State.ABSENT:
-            plugin._publish(entry)
 
 
 def _spawn(coro: Any) -> None:
@@ -294,21 +264,16 @@ def _spawn(coro: Any) -> None:
 
 # -- scheduler ------------------------------------------------------------------------
 def setup_scheduler(scheduler: Scheduler) -> ContextSchedulerPlugin:
-    """Add :class:`ContextSchedulerPlugin`, its Prometheus metrics and the ``/pervasive`` page.
+    """Add :class:`ContextSchedulerPlugin` (which adds its Prometheus metrics and the ``/pervasive`` page).
 
     A preload's ``dask_setup`` runs before the scheduler starts its plugins,
     so adding the plugin is enough: its ``start()`` runs with the others.
     Idempotent: an existing ``"pervasive"`` plugin is kept.
     """
-    from .dashboard import add_dashboard_page
-    from .metrics import register_metrics
-
     plugin = scheduler.plugins.get(PLUGIN_NAME)
     if not isinstance(plugin, ContextSchedulerPlugin):
         plugin = ContextSchedulerPlugin()
         scheduler.add_plugin(plugin, name=PLUGIN_NAME)
-    register_metrics(scheduler, plugin)
-    add_dashboard_page(scheduler, plugin)
     return plugin
 
 

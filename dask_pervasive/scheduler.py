@@ -7,117 +7,45 @@ stealing balance load *inside* the set (stealing never moves them out, which
 loose restrictions would allow). The set grows while the expected finish time
 of the backlog on it exceeds the cost of warming another worker, only onto
 workers with room in their memory budget, and is re-planned when workers
-leave, contexts fail or get evicted.
+leave, contexts fail or get evicted. The planning itself is in
+:mod:`dask_pervasive._placement`; this module is the plugin glue (events,
+graph and task hooks, lifecycle).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import dask.config
-from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
-from .task import context_of
+from ._placement import (
+    PLACEABLE,
+    ContextPlan,
+    PlacementPlanner,
+    WorkerContext,
+    ewma,
+    find_context,
+    finish_time,
+)
+from ._protocol import EVENT_TOPIC, PLUGIN_NAME, WARMING_STATES, Action, State, WorkerHandler
+from ._settings import SchedulerSettings
 from .transfer import SourceCoordinator
-from .worker import EVENT_TOPIC, PLUGIN_NAME
 
 if TYPE_CHECKING:
     from distributed import Scheduler
-    from distributed.scheduler import TaskState, WorkerState
 
 logger = logging.getLogger(__name__)
 
-#: Task states whose restrictions we may still change.
-_PLACEABLE = ("released", "waiting", "no-worker", "processing")
-_DONE = ("memory", "erred", "forgotten")
-_EWMA = 0.5
+# Re-exported: the planning pieces lived here before _placement.
+__all__ = ["ContextPlan", "ContextSchedulerPlugin", "WorkerContext", "finish_time"]
 
 
-@dataclass
-class WorkerContext:
-    """One context on one worker, as the scheduler last heard of it."""
-
-    state: str = "absent"
-    files: bool = False
-    host_bytes: int = 0
-    device_bytes: int = 0
-    loads: int = 0
-    failed_at: float | None = None
-    loading_since: float = 0.0  #: monotonic time the current fetch/load started
-
-
-@dataclass
-class ContextPlan:
-    """Placement state of one context."""
-
-    name: str
-    members: set[str] = field(default_factory=set)  #: the affinity set
-    pending: set = field(default_factory=set)  #: keys of unfinished tasks
-    load_seconds: float | None = None  #: EWMA of fetch + load
-    fetch_seconds: float | None = None  #: EWMA of the fetch part
-    size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
-    warm_placements: int = 0  #: workers added to the set that already held the context
-    cold_placements: int = 0  #: workers added that had to load it
-
-
-def _find_context(run_spec: Any, budget: int = 64) -> str | None:
-    """Context of a ``uses_context`` function anywhere in a task spec.
-
-    The function may be nested: ``bag.map`` wraps it, fused graphs hold whole
-    subgraphs (``_execute_subgraph``), xarray passes it to a wrapper. The walk
-    visits at most ``budget`` objects so big literal arguments stay cheap.
-    """
-    stack = [run_spec]
-    while stack and budget > 0:
-        obj = stack.pop()
-        budget -= 1
-        name = context_of(obj)
-        if name is not None:
-            return name
-        func = getattr(obj, "func", None)  # Task, functools.partial
-        if func is not None:
-            stack.append(func)
-            stack.extend(itertools.islice(getattr(obj, "args", ()) or (), budget))
-            kwargs = getattr(obj, "kwargs", None)
-            if isinstance(kwargs, dict):
-                stack.extend(itertools.islice(kwargs.values(), budget))
-        elif isinstance(obj, dict):
-            stack.extend(itertools.islice(obj.values(), budget))
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(itertools.islice(obj, budget))
-    return None
-
-
-def finish_time(ready: Iterable[tuple[float, int]], work: float) -> float:
-    """When ``work`` thread-seconds finish on workers that become ready at given times.
-
-    ``ready`` holds ``(ready_time, nthreads)``; solves
-    ``sum(n * max(0, T - r)) == work`` by water-filling.
-    """
-    slots = sorted(ready)
-    if not slots:
-        return float("inf")
-    acc_threads = 0
-    acc_ready = 0.0
-    for i, (r, n) in enumerate(slots):
-        acc_threads += n
-        acc_ready += n * r
-        t = (work + acc_ready) / acc_threads
-        if i + 1 == len(slots) or t <= slots[i + 1][0]:
-            return t
-    return float("inf")  # pragma: no cover
-
-
-class ContextSchedulerPlugin(SchedulerPlugin):
+class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
     """Place tasks that need a context on workers where it is (or will be) warm.
 
     Tasks need a context when annotated (``dask.annotate(context="llm")``)
@@ -138,6 +66,17 @@ class ContextSchedulerPlugin(SchedulerPlugin):
     interval
         How often placement is re-planned while context tasks are pending.
 
+    All of these, ``pervasive.worker.retry-failed-after`` and
+    ``pervasive.transfer.*`` (for the source coordinator) are read once, where
+    the plugin is built, into ``settings`` (a
+    ``SchedulerSettings`` from ``dask_pervasive._settings``).
+
+    Raises
+    ------
+    ConfigurationError
+        A setting is invalid (raised where the plugin is built: on the client
+        under :func:`dask_pervasive.install`).
+
     Examples
     --------
     >>> client.register_plugin(ContextSchedulerPlugin())  # doctest: +SKIP
@@ -153,14 +92,14 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         default_load_seconds: float | None = None,
         interval: str | float | None = None,
     ) -> None:
-        cfg = dask.config.get("pervasive.scheduler")
-        self.prewarm = bool(cfg["prewarm"] if prewarm is None else prewarm)
-        self.prewarm_backlog = int(cfg["prewarm-backlog"] if prewarm_backlog is None else prewarm_backlog)
-        self.default_load_seconds = float(
-            cfg["default-load-seconds"] if default_load_seconds is None else default_load_seconds
+        # Read where the plugin is built: on the client under dp.install (and
+        # pickled with it), on the scheduler under --preload.
+        self.settings = SchedulerSettings.from_config(
+            prewarm=prewarm,
+            prewarm_backlog=prewarm_backlog,
+            default_load_seconds=default_load_seconds,
+            interval=interval,
         )
-        self.interval = parse_timedelta(cfg["interval"] if interval is None else interval)
-        self.retry_failed_after = parse_timedelta(dask.config.get("pervasive.worker.retry-failed-after"))
         self.plans: dict[str, ContextPlan] = {}
         self.warm: dict[str, dict[str, WorkerContext]] = defaultdict(dict)  # context -> worker -> state
         self.budgets: dict[str, tuple[int | None, int | None]] = {}
@@ -177,11 +116,11 @@ class ContextSchedulerPlugin(SchedulerPlugin):
     # -- lifecycle -----------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.transfer = SourceCoordinator(scheduler, self.warm)
+        self.transfer = SourceCoordinator(scheduler, self.warm, self.settings.transfer)
         self.transfer.start()
         # Workers may hold contexts already (plugin registered after the worker plugin).
         if PLUGIN_NAME in scheduler.worker_plugins:
-            replies = await scheduler.broadcast(msg={"op": "pervasive_state"}, on_error="return")
+            replies = await scheduler.broadcast(msg={"op": WorkerHandler.STATE.value}, on_error="return")
             for addr, reply in replies.items():
                 if isinstance(reply, dict) and addr in scheduler.workers:
                     self.budgets[addr] = (reply.get("max_bytes"), reply.get("device_max_bytes"))
@@ -192,7 +131,7 @@ class ContextSchedulerPlugin(SchedulerPlugin):
 
         register_metrics(scheduler, self)
         add_dashboard_page(scheduler, self)
-        self._callback = PeriodicCallback(self._tick, self.interval * 1000)
+        self._callback = PeriodicCallback(self._tick, self.settings.interval * 1000)
         self._callback.start()
 
     async def close(self) -> None:
@@ -214,9 +153,9 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         worker = msg.get("worker")
         if worker is None or self.scheduler is None or worker not in self.scheduler.workers:
             return
-        if action == "worker-budget":
+        if action == Action.WORKER_BUDGET:
             self.budgets[worker] = (msg.get("max_bytes"), msg.get("device_max_bytes"))
-        elif action == "context-state":
+        elif action == Action.CONTEXT_STATE:
             self._ingest_state(worker, msg)
 
     def _ingest_state(self, worker: str, msg: dict) -> None:
@@ -225,27 +164,28 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         wc = self.warm[name].setdefault(worker, WorkerContext())
         previous_loads = wc.loads
         previous_state = wc.state
-        if msg["state"] in ("fetching", "loading") and wc.state not in ("fetching", "loading"):
+        state = State(msg["state"])
+        if state in WARMING_STATES and wc.state not in WARMING_STATES:
             wc.loading_since = time.monotonic()
-        wc.state = msg["state"]
+        wc.state = state
         wc.files = bool(msg.get("files"))
         wc.loads = msg.get("loads", wc.loads)
-        if wc.state == "resident":
+        if wc.state is State.RESIDENT:
             wc.host_bytes, wc.device_bytes = msg.get("host_bytes", 0), msg.get("device_bytes", 0)
             plan.size = (wc.host_bytes, wc.device_bytes)
             if wc.loads > previous_loads and msg.get("last_load_seconds"):
-                plan.load_seconds = _ewma(plan.load_seconds, msg["last_load_seconds"])
-                plan.fetch_seconds = _ewma(plan.fetch_seconds, msg.get("last_fetch_seconds", 0.0))
-        elif wc.state == "failed":
+                plan.load_seconds = ewma(plan.load_seconds, msg["last_load_seconds"])
+                plan.fetch_seconds = ewma(plan.fetch_seconds, msg.get("last_fetch_seconds", 0.0))
+        elif wc.state is State.FAILED:
             wc.failed_at = time.monotonic()
             if len(plan.members) > 1 and worker in plan.members:
                 plan.members.discard(worker)
                 self._stale.add(name)  # its tasks are still restricted to the old set
-        elif wc.state == "evicted" and len(plan.members) > 1 and worker in plan.members:
+        elif wc.state is State.EVICTED and len(plan.members) > 1 and worker in plan.members:
             # Memory pressure pushed it out: stop sending its tasks there.
             plan.members.discard(worker)
             self._stale.add(name)
-        if plan.pending and wc.state != previous_state and wc.state in ("resident", "failed", "evicted"):
+        if plan.pending and wc.state != previous_state and wc.state in (State.RESIDENT, State.FAILED, State.EVICTED):
             # A worker just became warm (a free member, or the set can grow) or stopped being
             # one: re-plan now rather than at the next tick, so queued tasks use it at once.
             self._schedule_replan()
@@ -288,7 +228,7 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         found = False
         for key in tasks or ():
             ts = scheduler.tasks.get(key)
-            if ts is None or ts.state not in _PLACEABLE:
+            if ts is None or ts.state not in PLACEABLE:
                 continue
             name = by_annotation.get(key)
             if name is not None and not isinstance(name, str):
@@ -297,7 +237,7 @@ class ContextSchedulerPlugin(SchedulerPlugin):
                 bad_annotations.append((key, name))
                 name = None
             if name is None:
-                name = _find_context(ts.run_spec)
+                name = find_context(ts.run_spec)
             # User restrictions win over ours.
             if not isinstance(name, str) or ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions:
                 continue
@@ -354,7 +294,7 @@ class ContextSchedulerPlugin(SchedulerPlugin):
         for plan in self.plans.values():
             plan.members.discard(worker)
         if lost:
-            scheduler.log_event(EVENT_TOPIC, {"action": "worker-lost", "worker": worker, "contexts": lost})
+            scheduler.log_event(EVENT_TOPIC, {"action": Action.WORKER_LOST.value, "worker": worker, "contexts": lost})
             self._stale.update(lost)  # their tasks still name the dead worker
         if any(p.pending for p in self.plans.values()):
             # Dask already moved tasks restricted to it alone to no-worker: revive them.
@@ -384,198 +324,9 @@ class ContextSchedulerPlugin(SchedulerPlugin):
                 "registered; they will fail on workers. Use dask_pervasive.install(client, contexts)."
             )
 
-    # -- planning ----------------------------------------------------------------------
-    def _ready_time(self, plan: ContextPlan, addr: str) -> float:
-        """Seconds until ``addr`` could run tasks of ``plan``."""
-        wc = self.warm[plan.name].get(addr)
-        load = plan.load_seconds if plan.load_seconds is not None else self.default_load_seconds
-        if wc is None:
-            return load
-        if wc.state == "resident":
-            return 0.0
-        if wc.state in ("fetching", "loading"):
-            return max(0.0, load - (time.monotonic() - wc.loading_since))
-        if wc.files:
-            return max(0.0, load - (plan.fetch_seconds or 0.0))
-        return load
-
-    def _holds(self, plan: ContextPlan, addr: str) -> bool:
-        wc = self.warm[plan.name].get(addr)
-        return addr in plan.members or (wc is not None and wc.state in ("resident", "loading", "fetching"))
-
-    def _fits(self, plan: ContextPlan, addr: str, demand: list[ContextPlan]) -> bool:
-        host_budget, device_budget = self.budgets.get(addr, (None, None))
-        if host_budget is None and device_budget is None:
-            return True
-        others = [p for p in demand if p is not plan and self._holds(p, addr)]
-        if plan.size is None:
-            # Size unknown until the first load: give the context a worker of its own.
-            return not others
-        used_host = sum(p.size[0] if p.size else (host_budget or 0) for p in others)
-        used_device = sum(p.size[1] if p.size else (device_budget or 0) for p in others)
-        return (host_budget is None or used_host + plan.size[0] <= host_budget) and (
-            device_budget is None or used_device + plan.size[1] <= device_budget
-        )
-
-    def _recently_failed(self, plan: ContextPlan, addr: str) -> bool:
-        wc = self.warm[plan.name].get(addr)
-        return (
-            wc is not None
-            and wc.state == "failed"
-            and wc.failed_at is not None
-            and time.monotonic() - wc.failed_at < self.retry_failed_after
-        )
-
-    def _candidates(self, plan: ContextPlan, running: dict[str, WorkerState], demand: list[ContextPlan]):
-        """Workers outside the set that could join it, best first: ``(ready, addr)``."""
-        out = []
-        for addr, ws in running.items():
-            if addr in plan.members or self._recently_failed(plan, addr):
-                continue
-            ready = self._ready_time(plan, addr)
-            if ready > 0 and not self._fits(plan, addr, demand):
-                continue
-            crowding = sum(1 for p in demand if p is not plan and self._holds(p, addr))
-            out.append((ready, crowding, ws.occupancy / max(ws.nthreads, 1), addr))
-        out.sort()
-        return [(r, a) for r, _, _, a in out]
-
-    def _fallback_worker(self, plan: ContextPlan, running: dict[str, WorkerState], demand: list[ContextPlan]) -> str:
-        """No worker has room: share the least crowded one (its contexts will alternate)."""
-
-        def key(addr: str):
-            ws = running[addr]
-            crowd = sum(len(p.pending) for p in demand if p is not plan and self._holds(p, addr))
-            return (self._recently_failed(plan, addr), crowd, ws.occupancy / max(ws.nthreads, 1), addr)
-
-        return min(running, key=key)
-
-    def _work(self, plan: ContextPlan) -> float:
-        """Thread-seconds of pending work.
-
-        Uses Dask's per-prefix duration average (from which worker plugins
-        removed load time). For a prefix never timed, Dask's 0.5 s default
-        would make short tasks look long and warm workers for nothing, so the
-        longest elapsed time of its tasks running on warm members is used: a
-        lower bound that grows while tasks run.
-        """
-        assert self.scheduler is not None
-        tasks = self.scheduler.tasks
-        per_prefix: dict[Any, float] = {}
-        total = 0.0
-        for key in plan.pending:
-            ts = tasks.get(key)
-            if ts is None:
-                continue
-            prefix = ts.prefix
-            d = per_prefix.get(prefix)
-            if d is None:
-                d = per_prefix[prefix] = (
-                    prefix.duration_average if prefix.duration_average >= 0 else self._elapsed(plan, prefix)
-                )
-            total += d
-        return total
-
-    def _elapsed(self, plan: ContextPlan, prefix: Any) -> float:
-        assert self.scheduler is not None
-        longest = 0.0
-        for addr in plan.members:
-            ws = self.scheduler.workers.get(addr)
-            if ws is None or self._ready_time(plan, addr) > 0:
-                continue  # still loading: elapsed time is load time, not task time
-            for ts, elapsed in ws.executing.items():
-                if ts.prefix is prefix and elapsed > longest:
-                    longest = elapsed
-        return longest
-
-    def _members_finish(
-        self, plan: ContextPlan, running: dict[str, WorkerState], extra: tuple[float, str] | None, work: float
-    ) -> float:
-        ready = [(self._ready_time(plan, a), running[a].nthreads) for a in plan.members if a in running]
-        if extra is not None:
-            ready.append((extra[0], running[extra[1]].nthreads))
-        return finish_time(ready, work)
-
-    def replan(self, stimulus_id: str) -> None:
-        """Recompute affinity sets of contexts with pending tasks and apply them.
-
-        Restrictions are applied to all pending tasks of a context whose set
-        changed or that is marked stale (tasks recomputed, left in no-worker,
-        a member lost), otherwise only to its tasks not restricted yet.
-        """
-        scheduler = self.scheduler
-        if scheduler is None:
-            return
-        running = {ws.address: ws for ws in scheduler.running}
-        demand = sorted((p for p in self.plans.values() if p.pending), key=lambda p: -len(p.pending))
-        before = {p.name: set(p.members) for p in demand}
-        for plan in self.plans.values():
-            plan.members &= running.keys()
-            if not plan.pending:
-                plan.members.clear()  # forget reservations without demand
-            elif len(plan.members) > 1:
-                plan.members -= {a for a in plan.members if self._recently_failed(plan, a)} or set()
-        if not running or not demand:
-            return
-        # Every context in demand gets at least one worker: warm if possible.
-        for plan in demand:
-            if not plan.members:
-                cands = self._candidates(plan, running, demand)
-                pick = cands[0][1] if cands else self._fallback_worker(plan, running, demand)
-                self._add_member(plan, pick, "first worker")
-        # Grow where another worker shortens the backlog most.
-        work = {p.name: self._work(p) for p in demand}
-        for _ in range(len(running) * len(demand)):
-            best = None
-            for plan in demand:
-                if len(plan.pending) <= self.prewarm_backlog * len(plan.members):
-                    continue
-                cands = self._candidates(plan, running, demand)
-                if not cands:
-                    continue
-                now = self._members_finish(plan, running, None, work[plan.name])
-                then = self._members_finish(plan, running, cands[0], work[plan.name])
-                gain = now - then
-                if cands[0][0] == 0:
-                    # Already warm: joining costs nothing, even before durations are known.
-                    gain = max(gain, 2e-3)
-                if gain > 1e-3 and (best is None or gain > best[0]):
-                    best = (gain, plan, cands[0][1], now, then)
-            if best is None:
-                break
-            gain, plan, addr, now, then = best
-            self._add_member(plan, addr, f"backlog finishes in {now:.1f}s, {then:.1f}s with {addr}")
-        for plan in demand:
-            if plan.name in self._stale or plan.members != before[plan.name]:
-                self._apply(plan, stimulus_id)
-            elif self._fresh.get(plan.name):
-                self._apply(plan, stimulus_id, self._fresh[plan.name])
-        self._stale.clear()
-        self._fresh.clear()
-
-    def _add_member(self, plan: ContextPlan, addr: str, reason: str) -> None:
-        assert self.scheduler is not None
-        plan.members.add(addr)
-        wc = self.warm[plan.name].get(addr)
-        cold = wc is None or wc.state not in ("resident", "loading", "fetching")
-        if cold:
-            plan.cold_placements += 1
-        else:
-            plan.warm_placements += 1
-        self.scheduler.log_event(
-            EVENT_TOPIC,
-            {
-                "action": "placement",
-                "context": plan.name,
-                "added": addr,
-                "cold": cold,
-                "members": sorted(plan.members),
-                "pending": len(plan.pending),
-                "reason": reason,
-            },
-        )
-        if cold and self.prewarm and len(plan.members) > 1:
-            self._spawn(self._prewarm(addr, plan.name))
+    def _prewarm_soon(self, addr: str, name: str) -> None:
+        """Load ``name`` on ``addr`` now rather than with its first task (see ``_add_member``)."""
+        self._spawn(self._prewarm(addr, name))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -585,42 +336,6 @@ class ContextSchedulerPlugin(SchedulerPlugin):
     async def _prewarm(self, addr: str, name: str) -> None:
         assert self.scheduler is not None
         try:
-            await self.scheduler.rpc(addr).pervasive_prewarm(name=name)
+            await getattr(self.scheduler.rpc(addr), WorkerHandler.PREWARM.value)(name=name)
         except Exception as exc:  # noqa: BLE001 - the worker may have left; tasks still load on demand
             logger.info("pervasive: prewarm of %r on %s did not happen: %s", name, addr, exc)
-
-    def _apply(self, plan: ContextPlan, stimulus_id: str, keys: Iterable | None = None) -> None:
-        """Restrict pending tasks (or just ``keys``) to the affinity set; revive those left without a worker."""
-        assert self.scheduler is not None
-        tasks = self.scheduler.tasks
-        members = set(plan.members)
-        recommendations = {}
-        for key in plan.pending if keys is None else keys:
-            ts: TaskState | None = tasks.get(key)
-            if ts is None or ts.state not in _PLACEABLE:
-                continue
-            ts.worker_restrictions = set(members)
-            ts.loose_restrictions = False
-            if ts.state == "no-worker":
-                recommendations[key] = "processing"
-        if recommendations:
-            self.scheduler.transitions(recommendations, stimulus_id)
-
-    # -- reporting -------------------------------------------------------------------------
-    def where(self) -> dict[str, dict[str, list[str]]]:
-        """The warm map: ``{context: {"resident", "files", "loading", "failed", "affinity"}}``."""
-        out = {}
-        for name in sorted(set(self.plans) | set(self.warm)):
-            states = self.warm.get(name, {})
-            out[name] = {
-                "resident": sorted(a for a, w in states.items() if w.state == "resident"),
-                "files": sorted(a for a, w in states.items() if w.files),
-                "loading": sorted(a for a, w in states.items() if w.state in ("fetching", "loading")),
-                "failed": sorted(a for a, w in states.items() if w.state == "failed"),
-                "affinity": sorted(self.plans[name].members) if name in self.plans else [],
-            }
-        return out
-
-
-def _ewma(old: float | None, new: float) -> float:
-    return new if old is None else _EWMA * new + (1 - _EWMA) * old

@@ -9,14 +9,14 @@ from typing import Any, TypeVar
 
 from distributed import get_worker
 
+from ._protocol import CONTEXT_ATTR
+from .context import context_of
 from .errors import ContextUsageError, PluginNotInstalledError
 from .worker import plugin_on
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Attribute set by :func:`uses_context` on the wrapped function; the
-#: scheduler plugin reads it from the task spec.
-CONTEXT_ATTR = "__pervasive_context__"
+__all__ = ["CONTEXT_ATTR", "context_of", "get_context", "uses_context"]
 
 
 def get_context(name: str | None = None) -> Any:
@@ -121,8 +121,3 @@ def uses_context(name: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorator
-
-
-def context_of(func: Any) -> str | None:
-    """The context a :func:`uses_context`-decorated function needs, else ``None``."""
-    return getattr(func, CONTEXT_ATTR, None)

@@ -5,22 +5,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import os
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import dask.config
-from dask.utils import parse_bytes, parse_timedelta
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ._settings import TransferSettings
+from ._protocol import (
+    DECLARATION_PREFIX,
+    EVENT_TOPIC,
+    HEARTBEAT_KEY,
+    LOAD_STARTSTOP,
+    PLUGIN_NAME,
+    Action,
+    State,
+    WorkerHandler,
+)
+from ._settings import WorkerSettings, resolve_budget
 from .cache import ContextCache, ContextEntry
 from .context import Context
 from .devices import device_total_memory
-from .errors import ConfigurationError, ContextDefinitionError
-from .metrics import HEARTBEAT_KEY, worker_heartbeat_metrics
+from .errors import ContextDefinitionError
 from .transfer import ContextServer, peer_fetcher, remove_stale_parts
 
 if TYPE_CHECKING:
@@ -28,92 +35,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_NAME = "pervasive"
-#: Topic of the events workers log when a context changes state.
-EVENT_TOPIC = "pervasive"
-_PENDING_ATTR = "_pervasive_pending_contexts"
-
-
-_UNLIMITED = ("", "none", "null", "unlimited")
-
-
-def resolve_budget(value: Any, total: int | None) -> int | None:
-    """Turn a budget setting into bytes.
-
-    ``None``/``"none"``/``"unlimited"`` → no limit; a float in (0, 1] → that
-    fraction of ``total`` (no limit when ``total`` is unknown); ``"8GiB"``, a
-    positive int or a whole float (``8e9``) → bytes. A numeric string is read
-    as the number.
-
-    Raises
-    ------
-    ConfigurationError
-        Anything else: negative or zero sizes, fractions above 1 that are not
-        whole byte counts (``1.5``), ``nan``/``inf``, booleans, other types.
-    """
-    try:
-        return _resolve_budget(value, total)
-    except ConfigurationError:
-        raise
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ConfigurationError(f"invalid memory budget {value!r}: {exc}") from exc
-
-
-def _resolve_budget(value: Any, total: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in _UNLIMITED:
-            return None
-        try:
-            value = float(text)  # "0.5", "8e9": a number given as text (environment variables)
-        except ValueError:
-            nbytes = parse_bytes(text)
-            if nbytes <= 0:
-                raise ConfigurationError(f"invalid memory budget {value!r}: must be positive") from None
-            return int(nbytes)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"invalid memory budget {value!r}: expected bytes, a fraction or None")
-    if isinstance(value, float):
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigurationError(f"invalid memory budget {value!r}: must be a positive finite number")
-        if value <= 1:
-            return int(value * total) if total else None
-        if not value.is_integer():
-            raise ConfigurationError(
-                f"invalid memory budget {value!r}: a fraction must be in (0, 1]; give bytes as a whole number"
-            )
-        return int(value)
-    if value <= 0:
-        raise ConfigurationError(f"invalid memory budget {value!r}: must be positive")
-    return int(value)
-
-
-def _check_budget_setting(value: Any, what: str) -> Any:
-    try:
-        resolve_budget(value, 1)
-    except ConfigurationError as exc:
-        raise ConfigurationError(
-            f"{what} must be bytes ('8GiB' or a positive int), a fraction in (0, 1] or None/'unlimited', got {value!r}",
-            what,
-        ) from exc
-    return value
-
-
-def _seconds_setting(value: Any, key: str) -> float:
-    """A duration setting (``"30s"``, ``2``) in seconds, ≥ 0."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError("a bool is not a duration")
-        seconds = parse_timedelta(value)
-        if seconds is None or not math.isfinite(seconds) or seconds < 0:
-            raise ValueError("must be a non-negative duration")
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise ConfigurationError(
-            f"{key} must be a duration such as '30s' or a number of seconds, got {value!r} ({exc})", key
-        ) from exc
-    return float(seconds)
+# Re-exported: imported from here by callers older than _protocol/_settings.
+__all__ = [
+    "EVENT_TOPIC",
+    "PLUGIN_NAME",
+    "ContextDeclaration",
+    "ContextWorkerPlugin",
+    "plugin_on",
+    "resolve_budget",
+    "worker_heartbeat_metrics",
+]
 
 
 def _check_contexts(contexts: Iterable[Context] | Context) -> list[Context]:
@@ -172,12 +103,15 @@ class ContextWorkerPlugin(WorkerPlugin):
 
     ``pervasive.worker.retry-failed-after`` and ``pervasive.worker.budget-wait``
     (how long a load waits for contexts in use to make room before failing with
-    :class:`~dask_pervasive.BudgetExhaustedError`) are read from the config.
+    :class:`~dask_pervasive.BudgetExhaustedError`) are read from the config,
+    with ``pervasive.transfer.*``: all of them once, where the plugin is built,
+    into ``settings`` (a ``WorkerSettings`` from ``dask_pervasive._settings``)
+    that is pickled with the plugin.
 
     Raises
     ------
     ConfigurationError
-        A budget or duration setting is invalid (raised on the client).
+        A setting is invalid (raised where the plugin is built: on the client).
     ContextDefinitionError
         ``contexts`` holds something else than Contexts, two different
         contexts with one name, or one that cannot be pickled.
@@ -199,32 +133,19 @@ class ContextWorkerPlugin(WorkerPlugin):
         cache_dir: str | None = None,
     ) -> None:
         self.contexts = _check_contexts(contexts)
-        # Settings are read here, on the client, so a client's dask.config.set
-        # travels with the plugin (as dask-jobqueue does); fractions are
-        # resolved on each worker in setup().
-        self.max_bytes = _check_budget_setting(
-            dask.config.get("pervasive.worker.max-bytes") if max_bytes is None else max_bytes, "max_bytes"
+        # Read here, on the client, so a client's dask.config.set travels with
+        # the plugin (as dask-jobqueue does); fractions are resolved per worker.
+        self.settings = WorkerSettings.from_config(
+            max_bytes=max_bytes, device_max_bytes=device_max_bytes, cache_dir=cache_dir
         )
-        self.device_max_bytes = _check_budget_setting(
-            dask.config.get("pervasive.worker.device-max-bytes") if device_max_bytes is None else device_max_bytes,
-            "device_max_bytes",
-        )
-        self.cache_dir = cache_dir if cache_dir is not None else dask.config.get("pervasive.worker.cache-dir")
-        self.retry_failed_after = _seconds_setting(
-            dask.config.get("pervasive.worker.retry-failed-after"), "pervasive.worker.retry-failed-after"
-        )
-        self.budget_wait = _seconds_setting(
-            dask.config.get("pervasive.worker.budget-wait", 60.0), "pervasive.worker.budget-wait"
-        )
-        # file copy settings (origin retries and timeouts too) travel with the plugin
-        self.transfer_settings = TransferSettings.from_config()
         self.cache: ContextCache | None = None
         self.worker: Worker | None = None
         self._device_budgets: dict[str, int | None] = {}
 
     def setup(self, worker: Worker) -> None:
         self.worker = worker
-        cache_dir = self.cache_dir or os.path.join(worker.local_directory, "pervasive")
+        settings, transfer = self.settings, self.settings.transfer
+        cache_dir = settings.cache_dir or os.path.join(worker.local_directory, "pervasive")
         os.makedirs(cache_dir, exist_ok=True)
         remove_stale_parts(cache_dir)
         memory_limit = worker.memory_manager.memory_limit
@@ -235,32 +156,28 @@ class ContextWorkerPlugin(WorkerPlugin):
         self.cache = ContextCache(
             address=worker.address,
             cache_dir=cache_dir,
-            max_bytes=resolve_budget(self.max_bytes, memory_limit),
+            max_bytes=resolve_budget(settings.max_bytes, memory_limit),
             device_max_bytes=self._device_budget,
-            retry_failed_after=self.retry_failed_after,
-            budget_wait=self.budget_wait,
-            chunk_size=self.transfer_settings.chunk_size,
-            verify=self.transfer_settings.verify,
+            retry_failed_after=settings.retry_failed_after,
+            budget_wait=settings.budget_wait,
+            transfer=transfer,
             on_change=self._publish,
         )
         # Context files: from peers first (coordinated by the scheduler plugin), else the origin;
         # served to peers, also while this worker is still copying them.
-        server = ContextServer(worker, self.cache, self.transfer_settings)
+        server = ContextServer(worker, self.cache, transfer)
         server.install()
-        self.cache.fetcher = peer_fetcher(worker, self.transfer_settings, server)
+        self.cache.fetcher = peer_fetcher(worker, transfer, server)
         for ctx in self.contexts:
             self.cache.declare(ctx)
-        # Contexts registered (dp.register) before this plugin reached the worker.
-        for ctx in getattr(worker, _PENDING_ATTR, {}).values():
-            self.cache.declare(ctx)
-        worker.__dict__.pop(_PENDING_ATTR, None)
-        # Declarations survive a replacement of this plugin (e.g. dp.install after a --preload).
+        # Contexts registered (dp.register) before this plugin was set up, or kept
+        # across a replacement of this plugin (e.g. dp.install after a --preload).
         for other in list(worker.plugins.values()):
             if isinstance(other, ContextDeclaration):
                 self.cache.declare(other.context)
         worker.metrics[HEARTBEAT_KEY] = worker_heartbeat_metrics
-        worker.handlers["pervasive_state"] = self._handle_state
-        worker.handlers["pervasive_prewarm"] = self._handle_prewarm
+        worker.handlers[WorkerHandler.STATE.value] = self._handle_state
+        worker.handlers[WorkerHandler.PREWARM.value] = self._handle_prewarm
         self._publish_budgets()
 
     def _publish_budgets(self) -> None:
@@ -269,7 +186,7 @@ class ContextWorkerPlugin(WorkerPlugin):
         self.worker.log_event(
             EVENT_TOPIC,
             {
-                "action": "worker-budget",
+                "action": Action.WORKER_BUDGET.value,
                 "max_bytes": self.cache.max_bytes,
                 "device_max_bytes": self._known_device_budget(),
             },
@@ -299,21 +216,29 @@ class ContextWorkerPlugin(WorkerPlugin):
             for entry in list(self.cache.entries.values()):
                 self._publish(entry)
 
-    async def _handle_prewarm(self, name: str) -> str:
-        """Load ``name`` in a thread (the scheduler plugin warms workers ahead of tasks)."""
-        assert self.cache is not None and self.worker is not None
+    async def prewarm(self, name: str) -> None:
+        """Load ``name`` in a thread: loading can take minutes and must not block the event loop.
+
+        Raises what :meth:`ContextCache.acquire` raises.
+        """
+        assert self.cache is not None
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, functools.partial(self.cache.acquire, name, None, count_hit=False))
+
+    async def _handle_prewarm(self, name: str) -> str:
+        """RPC for the scheduler plugin, which warms workers ahead of tasks."""
+        assert self.worker is not None
         try:
-            await loop.run_in_executor(None, functools.partial(self.cache.acquire, name, None, count_hit=False))
+            await self.prewarm(name)
         except Exception as exc:  # noqa: BLE001 - the cache recorded and published the failure
             logger.warning("pervasive: prewarm of %r on %s failed: %s", name, self.worker.address, exc)
-            return "failed"
-        return "resident"
+            return State.FAILED.value
+        return State.RESIDENT.value
 
     def _device_budget(self, device: str) -> int | None:
         # Probing the GPU imports torch: only done once a context lands on one.
         if device not in self._device_budgets:
-            self._device_budgets[device] = resolve_budget(self.device_max_bytes, device_total_memory(device))
+            self._device_budgets[device] = resolve_budget(self.settings.device_max_bytes, device_total_memory(device))
             self._publish_budgets()
         return self._device_budgets[device]
 
@@ -336,7 +261,7 @@ class ContextWorkerPlugin(WorkerPlugin):
 
         Otherwise the scheduler learns that the first task of a prefix took as
         long as a model load, thinks all of them are slow and spreads them
-        over cold workers. The load shows up as its own ``pervasive-load``
+        over cold workers. The load shows up as its own ``LOAD_STARTSTOP``
         action instead. This edits the ``startstops`` list that the pending
         task-finished message holds: plugin transition hooks run after the
         message is built and before it is sent.
@@ -350,7 +275,7 @@ class ContextWorkerPlugin(WorkerPlugin):
                 inside = sum(max(0.0, min(stop, ss["stop"]) - max(start, ss["start"])) for start, stop in spans)
                 ss["start"] = min(ss["stop"], ss["start"] + inside)
                 break
-        ts.startstops.extend({"action": "pervasive-load", "start": a, "stop": b} for a, b in spans)
+        ts.startstops.extend({"action": LOAD_STARTSTOP, "start": a, "stop": b} for a, b in spans)
 
     def _publish(self, entry: ContextEntry) -> None:
         """Tell the scheduler (and event subscribers) about a state change."""
@@ -359,7 +284,7 @@ class ContextWorkerPlugin(WorkerPlugin):
         self.worker.log_event(
             EVENT_TOPIC,
             {
-                "action": "context-state",
+                "action": Action.CONTEXT_STATE.value,
                 "context": entry.name,
                 "state": entry.state.value,
                 "files": entry.files_path is not None,
@@ -386,15 +311,13 @@ class ContextDeclaration(WorkerPlugin):
     def __init__(self, context: Context) -> None:
         (context,) = _check_contexts([context])
         self.context = context
-        self.name = f"{PLUGIN_NAME}-context-{context.name}"
+        self.name = f"{DECLARATION_PREFIX}{context.name}"
 
     def setup(self, worker: Worker) -> None:
-        plugin = worker.plugins.get(PLUGIN_NAME)
-        if isinstance(plugin, ContextWorkerPlugin) and plugin.cache is not None:
+        # A plugin set up later finds this one in worker.plugins (see ContextWorkerPlugin.setup).
+        plugin = plugin_on(worker)
+        if plugin is not None:
             plugin.cache.declare(self.context)
-        else:
-            pending = worker.__dict__.setdefault(_PENDING_ATTR, {})
-            pending[self.context.name] = self.context
 
 
 def plugin_on(worker: Worker) -> ContextWorkerPlugin | None:
@@ -403,3 +326,20 @@ def plugin_on(worker: Worker) -> ContextWorkerPlugin | None:
     if isinstance(plugin, ContextWorkerPlugin) and plugin.cache is not None:
         return plugin
     return None
+
+
+def worker_heartbeat_metrics(worker: Worker) -> dict[str, dict[str, float]]:
+    """``{context: counters}`` of one worker, for ``worker.metrics[HEARTBEAT_KEY]``.
+
+    distributed calls every ``worker.metrics`` entry when it builds a
+    heartbeat and stores the result in the scheduler's
+    ``WorkerState.metrics``, which :mod:`dask_pervasive.metrics` reads.
+
+    Examples
+    --------
+    >>> worker.metrics[HEARTBEAT_KEY] = worker_heartbeat_metrics  # doctest: +SKIP
+    """
+    plugin = plugin_on(worker)
+    if plugin is None or plugin.cache is None:
+        return {}
+    return {entry.name: asdict(entry.counters) for entry in list(plugin.cache.entries.values())}

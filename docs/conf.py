@@ -44,6 +44,9 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(?!dask_pervasive\.).*"),
     (r"py:class", r"dask_pervasive\.task\.F"),
+    # Private modules (_protocol, _settings, _placement, ...) are not documented; bases shown by
+    # :show-inheritance: may name them.
+    (r"py:.*", r"dask_pervasive\._.*"),
 ]
 # Straight quotes: "module:function", "8GiB" and the like are values, not prose.
 smartquotes = False

@@ -9,19 +9,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import dask.config
-import distributed.utils_test
 from distributed.utils_test import (  # noqa: F401  (fixtures used by gen_cluster)
     cleanup,
     loop,
     loop_in_thread,
 )
-
-import dask_pervasive.config
-
-# gen_cluster resets dask.config to a snapshot taken when utils_test was first
-# imported, possibly before our defaults were loaded: add them to it.
-dask.config.update(distributed.utils_test.original_config, dask_pervasive.config.defaults, priority="old")
 
 
 @pytest.fixture(scope="session")

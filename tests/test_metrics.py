@@ -11,14 +11,11 @@ from distributed.utils_test import fetch_metrics, gen_cluster
 from tornado.httpclient import AsyncHTTPClient
 
 import dask_pervasive as dp
+from dask_pervasive._protocol import HEARTBEAT_KEY
 from dask_pervasive.dashboard import add_dashboard_page, render_page
-from dask_pervasive.metrics import (
-    HEARTBEAT_KEY,
-    register_metrics,
-    unregister_metrics,
-    worker_heartbeat_metrics,
-)
+from dask_pervasive.metrics import register_metrics, unregister_metrics
 from dask_pervasive.scheduler import ContextSchedulerPlugin
+from dask_pervasive.worker import worker_heartbeat_metrics
 
 pytest.importorskip("prometheus_client")
 

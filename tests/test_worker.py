@@ -258,8 +258,8 @@ def test_origin_retry_settings_travel_with_the_plugin():
         }
     ):
         plugin = dp.ContextWorkerPlugin([])
-    settings = pickle.loads(pickle.dumps(plugin)).transfer_settings
-    assert (settings.retries, settings.retry_backoff, settings.stall_timeout) == (0, 0.01, 7.0)
+    transfer = pickle.loads(pickle.dumps(plugin)).settings.transfer
+    assert (transfer.retries, transfer.retry_backoff, transfer.stall_timeout) == (0, 0.01, 7.0)
     with dask.config.set({"pervasive.transfer.retries": "lots"}), pytest.raises(dp.ConfigurationError):
         dp.ContextWorkerPlugin([])
     with dask.config.set({"pervasive.transfer.retries": -1}), pytest.raises(dp.ConfigurationError):
