@@ -123,7 +123,7 @@ class PlannerSettings:
     prewarm: bool = True
     prewarm_backlog: int = 8
     default_load_seconds: float = 5.0
-    candidates: int = 8  #: workers looked at per context and step (the k best by ready time)
+    candidates: int = 4  #: workers looked at per context and step (the k best by ready time)
     shrink_margin: float = 0.5  #: how over-provisioned a set must be before it shrinks
     shrink_plans: int = 3  #: ... for this many consecutive plans
     shrink_delay: float = 1.0  #: ... and this many seconds
@@ -406,36 +406,35 @@ class Planner:
             busy = v.other_seconds
             for name, h in v.contexts.items():
                 c = demand.get(name)
-                member = c is not None and v.address in c.members
-                if not member:
-                    busy += h.queued_seconds
-                    if c is not None:
-                        c.work = max(0.0, c.work - h.queued_seconds)  # runs there, not on the set
                 if c is None:
+                    busy += h.queued_seconds
                     continue  # no demand: the worker's LRU may evict it freely
-                if member:
-                    w.pin(name, self._size(c, h))
-                elif h.state in _HOLDING or h.files:
+                if v.address in c.members:
+                    continue  # pinned below
+                if h.queued_seconds:
+                    busy += h.queued_seconds
+                    c.work = max(0.0, c.work - h.queued_seconds)  # runs there, not on the set
+                if h.state in _HOLDING or h.files:
                     holders[name].append(v.address)
                     if h.state in _WARMING:
                         w.pin(name, self._size(c, h))  # cannot be evicted mid-load
                     elif h.state == _RESIDENT:
                         w.evictable_add(name, w.used(self._size(c, h)), self._full_load(w, c, h))
             w.free = busy / w.rate
-        for c in demand.values():
-            for a in c.members:
-                ws[a].pin(c.view.name, self._size(c, self._holding(ws[a], c)))
 
         # Current sets, heaviest context first on shared workers.
         order = sorted(demand.values(), key=lambda c: (-c.work, c.view.name))
         for c in order:
             if not c.members:
                 continue
+            name = c.view.name
             entries = []
             for a in c.members:
                 w = ws[a]
-                h = self._holding(w, c)
-                entries.append((w.free + self._load_cost(w, c, h), -h.queued_seconds, a, w.rate, w.free))
+                h = w.view.contexts.get(name, _ABSENT)
+                w.pin(name, self._size(c, h))
+                load = 0.0 if h.state == _RESIDENT and name not in w.evicted else self._load_cost(w, c, h)
+                entries.append((w.free + load, -h.queued_seconds, a, w.rate, w.free))
             entries.sort()
             c.rs = entries
             c.solve()
@@ -458,7 +457,14 @@ class Planner:
                 continue
             steps += 1
             best = None
+            base = c.view.load_seconds if c.view.load_seconds is not None else s.default_load_seconds
             for w in self._candidates(c, ws, heap, holders[c.view.name]):
+                if (
+                    best is not None
+                    and c.view.name not in w.view.contexts
+                    and w.free + base * w.view.load_factor > best[0][0]
+                ):
+                    continue  # cold and ready later than the best so far
                 ev = self._evaluate(c, w, plan_no)
                 if ev is not None and (best is None or (ev[2], ev[3], w.view.address) < best[0]):
                     best = ((ev[2], ev[3], w.view.address), w, ev)
@@ -490,7 +496,20 @@ class Planner:
                 continue
             steps += 1
             best = None
+            base = c.view.load_seconds if c.view.load_seconds is not None else s.default_load_seconds
+            finish_now = c.finish
             for w in self._candidates(c, ws, heap, holders[name]):
+                if name not in w.view.contexts:
+                    # Cold: it pays only if the backlog outlasts its free time plus twice its load
+                    # (the work the set saves is rate * (finish - ready), the work it gives up
+                    # rate * overhead); and it must beat the best so far.
+                    lower = base * w.view.load_factor
+                    if finish_now <= w.free + 2 * lower or (
+                        best is not None and w.rate <= best[1].rate and w.free + lower >= best[2][2]
+                    ):
+                        continue
+                elif w.free >= finish_now and w.free > _EPS:
+                    continue  # busy until after the backlog is done
                 ev = self._evaluate(c, w, plan_no)
                 if ev is None:
                     continue
