@@ -220,11 +220,14 @@ class _Worker:
         )
 
     def pin(self, name: str, size: tuple[int, int] | None) -> None:
-        self.unevict(name)
-        if name not in self.pinned:
+        if name in self.evictable:
+            self.unevict(name)
+        if name not in self.pinned and self.limited:
             b = self.pinned[name] = self.used(size)
             self.pin_bytes[0] += b[0]
             self.pin_bytes[1] += b[1]
+        elif not self.limited:
+            self.pinned[name] = (0, 0)
 
     def unpin(self, name: str) -> tuple[int, int] | None:
         b = self.pinned.pop(name, None)
@@ -392,13 +395,15 @@ class Planner:
 
         # Members: running ones, without those that just failed (unless it is the only one).
         for c in demand.values():
-            members = {a for a in c.view.members if a in ws}
+            name = c.view.name
+            members = c.view.members & ws.keys()
             if len(members) > 1:
-                failed = {a for a in members if self._holding(ws[a], c).failed_recently}
+                failed = {a for a in members if ws[a].view.contexts.get(name, _ABSENT).failed_recently}
                 if failed and len(failed) < len(members):
                     members -= failed
             c.members = members
-            c.removed.extend(sorted(c.view.members - members))
+            if len(members) < len(c.view.members):
+                c.removed.extend(sorted(c.view.members - members))
         # Worker timelines start with work outside the sets; pin what each worker serves.
         holders: dict[str, list[str]] = {n: [] for n in demand}
         for w in ws.values():
@@ -429,11 +434,12 @@ class Planner:
                 continue
             name = c.view.name
             entries = []
+            size = c.view.size
             for a in c.members:
                 w = ws[a]
                 h = w.view.contexts.get(name, _ABSENT)
-                w.pin(name, self._size(c, h))
-                load = 0.0 if h.state == _RESIDENT and name not in w.evicted else self._load_cost(w, c, h)
+                w.pin(name, size if size is not None else self._size(c, h))
+                load = 0.0 if h.state == _RESIDENT else self._load_cost(w, c, h)
                 entries.append((w.free + load, -h.queued_seconds, a, w.rate, w.free))
             entries.sort()
             c.rs = entries
