@@ -453,7 +453,7 @@ class Planner:
         heap = [(w.free, w.view.load_factor, a, 0) for a, w in ws.items()]
         heapq.heapify(heap)
         for name, addrs in holders.items():
-            addrs.sort(key=lambda a: (ws[a].free, a))
+            addrs.sort(key=lambda a: (ws[a].free, a), reverse=True)  # best last
         prewarm: list[tuple[str, str]] = []
         steps = 0
 
@@ -589,7 +589,10 @@ class Planner:
         h = w.view.contexts.get(name, _ABSENT)
         if h.failed_recently or w.view.address in c.members:
             return None
-        if plan_no - self._released.get((name, w.view.address), -(10**9)) < self.settings.shrink_plans:
+        if (
+            self._released
+            and plan_no - self._released.get((name, w.view.address), -(10**9)) < self.settings.shrink_plans
+        ):
             return None
         load = self._load_cost(w, c, h)
         if load > 0:
@@ -606,11 +609,15 @@ class Planner:
         return finish, rate_after, ready, overhead, cold, evicts
 
     def _candidates(self, c: _Context, ws: dict[str, _Worker], heap: list, holders: list[str]) -> list[_Worker]:
-        """The first holders of ``c`` and the workers with the earliest free time (k of each)."""
+        """The first holders of ``c`` (``holders`` is sorted best last) and the workers free first (k of each)."""
         k = self.settings.candidates
         out: dict[str, _Worker] = {}
-        for a in holders:
-            if a not in c.members:
+        members = c.members
+        while holders and holders[-1] in members:
+            holders.pop()  # members join best first: drop them from the end, once
+        for i in range(len(holders) - 1, -1, -1):
+            a = holders[i]
+            if a not in members:
                 out[a] = ws[a]
                 if len(out) >= k:
                     break
