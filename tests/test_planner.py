@@ -537,3 +537,12 @@ def test_plan_cost_200_workers_50_contexts(warm):
         f"steps p50 {statistics.median(steps)}; reference loop {ref * 1e3:.0f} ms CPU"
     )
     assert len(result.contexts) == 50 and all(d.members for d in result.contexts.values())
+
+
+def test_settings_from_the_scheduler_settings_and_no_prewarm():
+    from dask_pervasive._settings import SchedulerSettings
+
+    settings = PlannerSettings.from_scheduler(SchedulerSettings(prewarm=False, prewarm_backlog=2), shrink_plans=5)
+    assert (settings.prewarm, settings.prewarm_backlog, settings.shrink_plans) == (False, 2, 5)
+    result = plan_once(views(4), [ContextView("m", pending=300, task_seconds=0.02, load_seconds=0.5)], settings)
+    assert len(result.contexts["m"].members) == 4 and result.prewarm == ()
