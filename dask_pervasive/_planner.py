@@ -51,7 +51,8 @@ budget check): candidates are the ``k`` best workers by ready time from one
 heap, plus the ``k`` first holders of the context; evaluating one is ``O(1)``
 amortized (incremental water-filling). Steps are capped at ``W + C``
 additions plus one failed step per context, so there is no
-``workers × contexts × iterations`` loop.
+``workers × contexts × iterations`` loop. Only a context's first worker may
+cost a scan of all workers (``O(W h)``), when none of the ``k`` best has room.
 """
 
 from __future__ import annotations
