@@ -36,7 +36,8 @@ Sets shrink with hysteresis: a member is surplus when it contributes nothing
 ``(1 + shrink_margin)`` times fewer pending tasks than the growth threshold
 and finishes within ``shrink_margin`` of ``T`` (plus one task). A set must be
 over-provisioned for ``shrink_plans`` consecutive plans and ``shrink_delay``
-seconds before it releases anything; a context that releases does not grow in
+seconds (judged on the largest backlog seen meanwhile) before it releases
+half of its surplus, the latest-ready members first; a context that releases does not grow in
 the same plan, one that grows starts counting again, and a released worker is
 not re-added to that context for ``shrink_plans`` plans, so no pair is added
 and removed in consecutive plans.
