@@ -1,0 +1,731 @@
+"""Joint placement planning: which workers each context's tasks may run on.
+
+Pure and distributed-free: the scheduler plugin turns its warm map, budgets,
+estimates and Dask's queues into :class:`WorkerView` / :class:`ContextView`
+snapshots, calls :meth:`Planner.plan`, and applies the returned affinity sets
+(restrictions) and prewarm requests. The :class:`Planner` object keeps only
+the hysteresis memory between plans.
+
+Model
+-----
+Work is measured in *median seconds* (how long it takes on a worker of speed
+1). Worker ``w`` runs ``rate_w = nthreads / speed`` of it per second, so a 2×
+slower worker gets half the work. Each worker has one timeline: work that is
+not in any affinity set (plain tasks, tasks of a set it has left), then the
+contexts it serves, one after the other. Its *ready time* for context ``c`` is
+the time its earlier commitments end, plus what it must still pay for ``c``
+(nothing when resident, the rest of a running load, the load without the fetch
+when the files are cached, a full load otherwise; its own measured load time,
+else the context's times its load factor, else ``default_load_seconds``), plus
+the reload cost of contexts in demand it would have to evict to make room.
+
+A context's backlog ``W`` finishes at the ``T`` solving
+``sum(rate_i * max(0, T - r_i)) == W`` over its members (water-filling with
+speeds); a member ready after ``T`` contributes nothing. Growth is greedy and
+critical-first: the context that finishes last is offered its best candidate;
+the addition is taken when it shortens ``T`` and *pays for itself*: the work
+the set saves (``ΔT`` × the set's rate) exceeds the work the new worker gives
+up while loading and evicting. Because a worker busy with context A is ready
+for B only after A, busy workers look busy, and because the latest context
+chooses first, one context cannot take the workers another one needs. A
+context with ``pending <= prewarm_backlog * members`` (or no more pending
+tasks than members) does not grow; a warm idle worker joins for free.
+
+Sets shrink with hysteresis: a member is surplus when it contributes nothing
+(ready after ``T``), or when the set without it still has
+``(1 + shrink_margin)`` times fewer pending tasks than the growth threshold
+and finishes within ``shrink_margin`` of ``T`` (plus one task). A set must be
+over-provisioned for ``shrink_plans`` consecutive plans and ``shrink_delay``
+seconds (judged on the largest backlog seen meanwhile) before it releases
+half of its surplus, the latest-ready members first; a context that releases does not grow in
+the same plan, one that grows starts counting again, and a released worker is
+not re-added to that context for ``shrink_plans`` plans, so no pair is added
+and removed in consecutive plans.
+
+Complexity
+----------
+With ``W`` workers, ``C`` contexts in demand, ``H`` (worker, context)
+holdings reported, ``M`` memberships and ``k`` = ``candidates``, one plan costs
+``O(W + H + M log M + C log C)`` to set up and shrink, and each greedy step
+``O(log C + k (log W + h))`` (``h``: contexts held by one candidate, for the
+budget check): candidates are the ``k`` best workers by ready time from one
+heap, plus the ``k`` first holders of the context; evaluating one is ``O(1)``
+amortized (incremental water-filling). Steps are capped at ``W + C``
+additions plus one failed step per context, so there is no
+``workers × contexts × iterations`` loop. Only a context's first worker may
+cost a scan of all workers (``O(W h)``), when none of the ``k`` best has room.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import insort
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ._protocol import State
+
+if TYPE_CHECKING:
+    from ._settings import SchedulerSettings
+
+_EPS = 1e-3  #: seconds: smaller gains are noise
+_RESIDENT = State.RESIDENT.value
+_WARMING = frozenset({State.FETCHING.value, State.LOADING.value})
+_HOLDING = _WARMING | {_RESIDENT}
+
+
+# -- inputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Holding:
+    """One context on one worker, as the planner needs it (omit contexts a worker never had)."""
+
+    state: str = State.ABSENT.value  #: a :class:`~dask_pervasive._protocol.State` value
+    files: bool = False  #: the context's files are in the worker's local cache
+    loading_for: float = 0.0  #: seconds since the running fetch/load started (``fetching``/``loading``)
+    load_seconds: float | None = None  #: this worker's measured fetch + load (EWMA), None if never loaded
+    queued_seconds: float = 0.0  #: median seconds of this context's tasks queued or running on the worker
+    host_bytes: int | None = None  #: bytes held when resident (else the context's size is used)
+    device_bytes: int | None = None
+    failed_recently: bool = False  #: failed within ``retry-failed-after``: not a candidate
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One running worker."""
+
+    address: str
+    nthreads: int = 1
+    speed: float = 1.0  #: task seconds relative to the median worker (2.0: twice slower)
+    load_factor: float = 1.0  #: load seconds relative to the context's estimate, for contexts it never loaded
+    host_budget: int | None = None  #: ``max_bytes`` (None: unlimited)
+    device_budget: int | None = None  #: ``device_max_bytes`` (None: unlimited)
+    other_seconds: float = 0.0  #: median seconds of queued work outside our contexts (plain tasks)
+    contexts: Mapping[str, Holding] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContextView:
+    """One context with its current affinity set."""
+
+    name: str
+    pending: int  #: unfinished tasks
+    task_seconds: float = 0.0  #: median seconds per task (0 when unknown: only warm workers join)
+    load_seconds: float | None = None  #: EWMA of fetch + load over all workers
+    fetch_seconds: float | None = None  #: EWMA of the fetch part
+    size: tuple[int, int] | None = None  #: (host, device) bytes, declared or measured; None: unknown
+    members: frozenset[str] = frozenset()  #: the current affinity set
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """Planning rules; the first three are ``pervasive.scheduler.*``."""
+
+    prewarm: bool = True
+    prewarm_backlog: int = 8
+    default_load_seconds: float = 5.0
+    candidates: int = 4  #: workers looked at per context and step (the k best by ready time)
+    shrink_margin: float = 0.5  #: how over-provisioned a set must be before it shrinks
+    shrink_plans: int = 3  #: ... for this many consecutive plans
+    shrink_delay: float = 1.0  #: ... and this many seconds
+
+    @classmethod
+    def from_scheduler(cls, settings: SchedulerSettings, **overrides) -> PlannerSettings:
+        """The rules of a :class:`~dask_pervasive._settings.SchedulerSettings` (``overrides`` win)."""
+        values = {
+            "prewarm": settings.prewarm,
+            "prewarm_backlog": settings.prewarm_backlog,
+            "default_load_seconds": settings.default_load_seconds,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+# -- outputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Addition:
+    """A worker that joins an affinity set."""
+
+    worker: str
+    cold: bool  #: it does not hold the context (resident, fetching or loading): it will load it
+    reason: str
+    evicts: tuple[str, ...] = ()  #: contexts in demand it is expected to evict to make room
+
+
+@dataclass(frozen=True)
+class ContextDecision:
+    """The new affinity set of one context."""
+
+    name: str
+    members: frozenset[str]
+    added: tuple[Addition, ...] = ()
+    removed: tuple[str, ...] = ()  #: released, failed, gone, or (no pending tasks) all of them
+    finish: float = 0.0  #: seconds until the backlog is expected done on ``members``
+    shares: Mapping[str, float] = field(default_factory=dict)  #: planned median seconds per member
+
+    @property
+    def changed(self) -> bool:
+        """The set differs from the one given: restrict all pending tasks again."""
+        return bool(self.added or self.removed)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What one :meth:`Planner.plan` decided."""
+
+    contexts: dict[str, ContextDecision]
+    prewarm: tuple[tuple[str, str], ...] = ()  #: ``(worker, context)`` loads to start now
+    steps: int = 0  #: greedy steps taken (for the overhead metrics)
+
+
+# -- planning state ----------------------------------------------------------------------------
+class _Worker:
+    __slots__ = (
+        "budget",
+        "ev_bytes",
+        "evictable",
+        "evicted",
+        "free",
+        "last",
+        "limited",
+        "pin_bytes",
+        "pinned",
+        "rate",
+        "version",
+        "view",
+    )
+
+    def __init__(self, view: WorkerView) -> None:
+        self.view = view
+        self.rate = max(view.nthreads, 1) / max(view.speed, 1e-9)
+        self.free = 0.0  #: seconds until its committed work ends
+        self.version = 0  #: bumped when ``free`` changes (heap entries carry it)
+        self.last: str | None = None  #: the context that ends its timeline
+        self.limited = view.host_budget is not None or view.device_budget is not None
+        self.budget = (view.host_budget or 0, view.device_budget or 0)
+        #: contexts in demand it serves or is loading: (host, device) bytes counted against the budget
+        self.pinned: dict[str, tuple[int, int]] = {}
+        self.pin_bytes = [0, 0]
+        #: held contexts in demand it does not serve: (bytes, reload seconds)
+        self.evictable: dict[str, tuple[tuple[int, int], float]] = {}
+        self.ev_bytes = [0, 0]
+        self.evicted: set[str] = set()
+
+    def used(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        """Bytes ``size`` counts for (an unknown size takes the whole budget: a worker of its own)."""
+        if size is None:
+            return self.budget
+        return (
+            size[0] if self.view.host_budget is not None else 0,
+            size[1] if self.view.device_budget is not None else 0,
+        )
+
+    def pin(self, name: str, size: tuple[int, int] | None) -> None:
+        if name in self.evictable:
+            self.unevict(name)
+        if name not in self.pinned and self.limited:
+            b = self.pinned[name] = self.used(size)
+            self.pin_bytes[0] += b[0]
+            self.pin_bytes[1] += b[1]
+        elif not self.limited:
+            self.pinned[name] = (0, 0)
+
+    def unpin(self, name: str) -> tuple[int, int] | None:
+        b = self.pinned.pop(name, None)
+        if b is not None:
+            self.pin_bytes[0] -= b[0]
+            self.pin_bytes[1] -= b[1]
+        return b
+
+    def evictable_add(self, name: str, used: tuple[int, int], reload: float) -> None:
+        if name not in self.evictable and name not in self.pinned:
+            self.evictable[name] = (used, reload)
+            self.ev_bytes[0] += used[0]
+            self.ev_bytes[1] += used[1]
+
+    def unevict(self, name: str) -> None:
+        e = self.evictable.pop(name, None)
+        if e is not None:
+            self.ev_bytes[0] -= e[0][0]
+            self.ev_bytes[1] -= e[0][1]
+
+    def fit(self, name: str, size: tuple[int, int] | None) -> tuple[float, tuple[str, ...]] | None:
+        """``(reload cost, evicted contexts)`` for context ``name`` to fit in the budget; None if it cannot."""
+        if not self.limited:
+            return 0.0, ()
+        own = self.pinned.get(name)  # loading already: its bytes are counted
+        if size is None and len(self.pinned) - (own is not None) > 0:
+            return None
+        need = self.used(size)
+        h = self.pin_bytes[0] + need[0] - (own[0] if own else 0)
+        d = self.pin_bytes[1] + need[1] - (own[1] if own else 0)
+        bh, bd = self.budget
+        if h > bh or d > bd:
+            return None
+        h_all, d_all = h + self.ev_bytes[0], d + self.ev_bytes[1]
+        if h_all <= bh and d_all <= bd:
+            return 0.0, ()
+        cost, evicts = 0.0, []
+        for n, (b, reload) in sorted(self.evictable.items(), key=lambda e: (e[1][1], e[0])):
+            if h_all <= bh and d_all <= bd:
+                break
+            h_all -= b[0]
+            d_all -= b[1]
+            cost += reload
+            evicts.append(n)
+        return cost, tuple(evicts)
+
+
+class _Context:
+    __slots__ = ("active", "added", "finish", "members", "rate", "rate_ready", "removed", "rs", "view", "work")
+
+    def __init__(self, view: ContextView) -> None:
+        self.view = view
+        self.work = view.pending * max(view.task_seconds, 0.0)
+        self.members: set[str] = set()
+        #: members as (ready, -queued, address, rate, free before), sorted; the first ``active`` get work
+        self.rs: list[tuple[float, float, str, float, float]] = []
+        self.active = 0
+        self.rate = 0.0  #: sum of rates of the active members
+        self.rate_ready = 0.0  #: sum of rate * ready of the active members
+        self.finish = math.inf
+        self.added: list[Addition] = []
+        self.removed: list[str] = []
+
+    def solve(self) -> None:
+        """Water-fill the backlog over ``rs`` (sorted)."""
+        self.active, self.rate, self.rate_ready = 0, 0.0, 0.0
+        rs = self.rs
+        if not rs:
+            self.finish = math.inf
+            return
+        if self.work <= 0:
+            self.finish = rs[0][0]  # nothing to share out: done when the first member is ready
+            return
+        for i, (r, _, _, rate, _) in enumerate(rs):
+            self.rate += rate
+            self.rate_ready += rate * r
+            t = (self.work + self.rate_ready) / self.rate
+            if i + 1 == len(rs) or t <= rs[i + 1][0]:
+                self.active, self.finish = i + 1, t
+                return
+
+    def with_member(self, ready: float, rate: float) -> tuple[float, int, float, float]:
+        """``(finish, old members still active, active rate, active rate * ready)`` once one ready at ``ready`` joins.
+
+        It gets work only if ``ready < finish``; then the new active count is one more.
+        """
+        if not self.rs:
+            return ready + self.work / rate, 0, rate, rate * ready
+        if ready >= self.finish:
+            return self.finish, self.active, self.rate, self.rate_ready
+        a, total, total_ready, rs = self.active, self.rate + rate, self.rate_ready + rate * ready, self.rs
+        t = (self.work + total_ready) / total
+        while a > 0 and rs[a - 1][0] >= t:  # members now ready too late drop out of the water level
+            a -= 1
+            total -= rs[a][3]
+            total_ready -= rs[a][3] * rs[a][0]
+            t = (self.work + total_ready) / total
+        return t, a, total, total_ready
+
+    def shares(self) -> dict[str, float]:
+        return {addr: rate * (self.finish - r) for r, _, addr, rate, _ in self.rs[: self.active]}
+
+
+class Planner:
+    """Plans affinity sets for all contexts at once; keeps the hysteresis memory between plans.
+
+    Parameters
+    ----------
+    settings
+        The planning rules (:meth:`PlannerSettings.from_scheduler` builds them from the plugin's settings).
+
+    Examples
+    --------
+    >>> planner = Planner(PlannerSettings(prewarm_backlog=2))
+    >>> workers = [WorkerView("w1", contexts={"llm": Holding(state="resident")}), WorkerView("w2")]
+    >>> result = planner.plan(workers, [ContextView("llm", pending=100, task_seconds=1.0, load_seconds=5.0)], now=0.0)
+    >>> sorted(result.contexts["llm"].members)
+    ['w1', 'w2']
+    """
+
+    def __init__(self, settings: PlannerSettings | None = None) -> None:
+        self.settings = settings or PlannerSettings()
+        self._plans = 0
+        self._over: dict[
+            str, tuple[int, float, int]
+        ] = {}  #: context -> (plan, time) it became over-provisioned, most pending since
+        self._released: dict[tuple[str, str], int] = {}  #: (context, worker) -> plan it was released in
+
+    def plan(self, workers: Iterable[WorkerView], contexts: Iterable[ContextView], now: float) -> PlanResult:
+        """Decide every context's affinity set.
+
+        Parameters
+        ----------
+        workers
+            The running workers (members elsewhere are dropped).
+        contexts
+            Contexts with their current sets; those without pending tasks lose their set.
+        now
+            Monotonic seconds (for the shrink delay).
+
+        Returns
+        -------
+        PlanResult
+            One decision per context that has pending tasks or had members, and the loads to start.
+        """
+        s = self.settings
+        self._plans += 1
+        plan_no = self._plans
+        if self._released:
+            self._released = {k: v for k, v in self._released.items() if plan_no - v < s.shrink_plans}
+        ws = {v.address: _Worker(v) for v in workers}
+        decisions: dict[str, ContextDecision] = {}
+        demand: dict[str, _Context] = {}
+        for view in contexts:
+            if view.pending > 0 and ws:
+                demand[view.name] = _Context(view)
+            else:
+                self._over.pop(view.name, None)
+                if view.members:  # no demand: forget the reservation
+                    decisions[view.name] = ContextDecision(view.name, frozenset(), removed=tuple(sorted(view.members)))
+        for name in [n for n in self._over if n not in demand]:
+            del self._over[name]
+        if not demand:
+            return PlanResult(decisions)
+
+        # Members: running ones, without those that just failed (unless it is the only one).
+        for c in demand.values():
+            name = c.view.name
+            members = c.view.members & ws.keys()
+            if len(members) > 1:
+                failed = {a for a in members if ws[a].view.contexts.get(name, _ABSENT).failed_recently}
+                if failed and len(failed) < len(members):
+                    members -= failed
+            c.members = members
+            if len(members) < len(c.view.members):
+                c.removed.extend(sorted(c.view.members - members))
+        # Worker timelines start with work outside the sets; pin what each worker serves.
+        holders: dict[str, list[str]] = {n: [] for n in demand}
+        for w in ws.values():
+            v = w.view
+            busy = v.other_seconds
+            for name, h in v.contexts.items():
+                c = demand.get(name)
+                if c is None:
+                    busy += h.queued_seconds
+                    continue  # no demand: the worker's LRU may evict it freely
+                if v.address in c.members:
+                    continue  # pinned below
+                if h.queued_seconds:
+                    busy += h.queued_seconds
+                    c.work = max(0.0, c.work - h.queued_seconds)  # runs there, not on the set
+                if h.state in _HOLDING or h.files:
+                    holders[name].append(v.address)
+                    if h.state in _WARMING:
+                        w.pin(name, self._size(c, h))  # cannot be evicted mid-load
+                    elif h.state == _RESIDENT:
+                        w.evictable_add(name, w.used(self._size(c, h)), self._full_load(w, c, h))
+            w.free = busy / w.rate
+
+        # Current sets, heaviest context first on shared workers.
+        order = sorted(demand.values(), key=lambda c: (-c.work, c.view.name))
+        for c in order:
+            if not c.members:
+                continue
+            name = c.view.name
+            entries = []
+            size = c.view.size
+            for a in c.members:
+                w = ws[a]
+                h = w.view.contexts.get(name, _ABSENT)
+                w.pin(name, size if size is not None else self._size(c, h))
+                load = 0.0 if h.state == _RESIDENT else self._load_cost(w, c, h)
+                entries.append((w.free + load, -h.queued_seconds, a, w.rate, w.free))
+            entries.sort()
+            c.rs = entries
+            c.solve()
+            for r, _, a, _, _ in c.rs[: c.active]:
+                w = ws[a]
+                w.free, w.last = c.finish, c.view.name
+
+        released = self._shrink(demand, ws, plan_no, now)
+
+        heap = [(w.free, w.view.load_factor, a, 0) for a, w in ws.items()]
+        heapq.heapify(heap)
+        for name, addrs in holders.items():
+            addrs.sort(key=lambda a: (ws[a].free, a), reverse=True)  # best last
+        prewarm: list[tuple[str, str]] = []
+        steps = 0
+
+        # Every context in demand gets a worker: the one ready first (warm if possible).
+        for c in order:
+            if c.members:
+                continue
+            steps += 1
+            best = None
+            base = c.view.load_seconds if c.view.load_seconds is not None else s.default_load_seconds
+            for w in self._candidates(c, ws, heap, holders[c.view.name]):
+                if (
+                    best is not None
+                    and c.view.name not in w.view.contexts
+                    and w.free + base * w.view.load_factor > best[0][0]
+                ):
+                    continue  # cold and ready later than the best so far
+                ev = self._evaluate(c, w, plan_no)
+                if ev is not None and (best is None or (ev[2], ev[3], w.view.address) < best[0]):
+                    best = ((ev[2], ev[3], w.view.address), w, ev)
+            if best is None:  # none of the best has room: look at all, then share the least crowded
+                for w in ws.values():
+                    ev = self._evaluate(c, w, plan_no)
+                    if ev is not None and (best is None or (ev[2], ev[3], w.view.address) < best[0]):
+                        best = ((ev[2], ev[3], w.view.address), w, ev)
+            if best is not None:
+                _, w, (_, _, ready, _, cold, evicts) = best
+                reason = "first worker" + ("" if cold else " (warm)")
+            else:
+                w = min(ws.values(), key=lambda w: (len(w.pinned), w.free, w.view.address))
+                h = self._holding(w, c)
+                ready = w.free + self._load_cost(w, c, h)
+                cold, evicts = h.state not in _HOLDING, ()
+                reason = f"no worker has room: shares {w.view.address} with {sorted(w.pinned)}"
+            self._commit(c, w, ready, cold, evicts, reason, heap, prewarm)
+
+        # Grow, the context that finishes last first.
+        limit = len(ws) + len(demand)
+        grow = [(-c.finish, c.view.name) for c in demand.values() if c.view.name not in released]
+        heapq.heapify(grow)
+        additions = 0
+        while grow and additions < limit:
+            _, name = heapq.heappop(grow)
+            c = demand[name]
+            if not self._may_grow(c):
+                continue
+            steps += 1
+            best = None
+            base = c.view.load_seconds if c.view.load_seconds is not None else s.default_load_seconds
+            finish_now = c.finish
+            for w in self._candidates(c, ws, heap, holders[name]):
+                if name not in w.view.contexts:
+                    # Cold: it pays only if the backlog outlasts its free time plus twice its load
+                    # (the work the set saves is rate * (finish - ready), the work it gives up
+                    # rate * overhead); and it must beat the best so far.
+                    lower = base * w.view.load_factor
+                    if finish_now <= w.free + 2 * lower or (
+                        best is not None and w.rate <= best[1].rate and w.free + lower >= best[2][2]
+                    ):
+                        continue
+                elif w.free >= finish_now and w.free > _EPS:
+                    continue  # busy until after the backlog is done
+                ev = self._evaluate(c, w, plan_no)
+                if ev is None:
+                    continue
+                finish, rate_after, ready, overhead, cold, evicts = ev
+                gain = c.finish - finish
+                if overhead == 0 and w.free <= _EPS:
+                    ok = gain >= -_EPS  # warm and idle: joins for free, even before durations are known
+                else:
+                    ok = gain > _EPS and gain * rate_after > overhead * w.rate  # pays for itself
+                if ok:
+                    key = (-gain, overhead, w.view.address)
+                    if best is None or key < best[0]:
+                        best = (key, w, ev)
+            if best is None:
+                continue  # this context is done growing
+            _, w, (finish, _, ready, _, cold, evicts) = best
+            reason = f"backlog finishes in {c.finish:.1f}s, {finish:.1f}s with {w.view.address}"
+            self._commit(c, w, ready, cold, evicts, reason, heap, prewarm)
+            self._over.pop(name, None)
+            additions += 1
+            heapq.heappush(grow, (-c.finish, name))
+
+        for name, c in demand.items():
+            decisions[name] = ContextDecision(
+                name,
+                frozenset(c.members),
+                tuple(c.added),
+                tuple(c.removed),
+                c.finish,
+                c.shares(),
+            )
+        return PlanResult(decisions, tuple(prewarm), steps)
+
+    # -- costs ----------------------------------------------------------------------------------
+    @staticmethod
+    def _holding(w: _Worker, c: _Context) -> Holding:
+        return w.view.contexts.get(c.view.name, _ABSENT)
+
+    def _full_load(self, w: _Worker, c: _Context, h: Holding) -> float:
+        if h.load_seconds is not None:
+            return h.load_seconds
+        base = c.view.load_seconds if c.view.load_seconds is not None else self.settings.default_load_seconds
+        return base * w.view.load_factor
+
+    def _load_cost(self, w: _Worker, c: _Context, h: Holding) -> float:
+        """Seconds ``w`` still needs before it can run tasks of ``c``."""
+        full = self._full_load(w, c, h)
+        if c.view.name in w.evicted:
+            return full
+        if h.state == _RESIDENT:
+            return 0.0
+        if h.state in _WARMING:
+            return max(0.0, full - h.loading_for)
+        if h.files:
+            return max(0.0, full - (c.view.fetch_seconds or 0.0) * w.view.load_factor)
+        return full
+
+    @staticmethod
+    def _size(c: _Context, h: Holding) -> tuple[int, int] | None:
+        if c.view.size is not None:
+            return c.view.size
+        if h.host_bytes is not None or h.device_bytes is not None:
+            return (h.host_bytes or 0, h.device_bytes or 0)
+        return None
+
+    def _evaluate(self, c: _Context, w: _Worker, plan_no: int):
+        """``(finish, rate after, ready, overhead, cold, evicts)`` with ``w`` in ``c``'s set; None if it may not join."""
+        name = c.view.name
+        if w.free >= c.finish and w.free > _EPS:
+            return None  # busy until after the backlog is done: cannot help
+        h = w.view.contexts.get(name, _ABSENT)
+        if h.failed_recently or w.view.address in c.members:
+            return None
+        if (
+            self._released
+            and plan_no - self._released.get((name, w.view.address), -(10**9)) < self.settings.shrink_plans
+        ):
+            return None
+        load = self._load_cost(w, c, h)
+        if load > 0:
+            fit = w.fit(name, c.view.size)
+            if fit is None:
+                return None
+            evict_cost, evicts = fit
+        else:
+            evict_cost, evicts = 0.0, ()
+        overhead = load + evict_cost
+        ready = w.free + overhead
+        finish, _, rate_after, _ = c.with_member(ready, w.rate)
+        cold = h.state not in _HOLDING or name in w.evicted
+        return finish, rate_after, ready, overhead, cold, evicts
+
+    def _candidates(self, c: _Context, ws: dict[str, _Worker], heap: list, holders: list[str]) -> list[_Worker]:
+        """The first holders of ``c`` (``holders`` is sorted best last) and the workers free first (k of each)."""
+        k = self.settings.candidates
+        out: dict[str, _Worker] = {}
+        members = c.members
+        while holders and holders[-1] in members:
+            holders.pop()  # members join best first: drop them from the end, once
+        for i in range(len(holders) - 1, -1, -1):
+            a = holders[i]
+            if a not in members:
+                out[a] = ws[a]
+                if len(out) >= k:
+                    break
+        popped = []
+        found = 0
+        while heap and found < k and len(popped) < 4 * k:
+            entry = heap[0]
+            w = ws[entry[2]]
+            if entry[3] != w.version:
+                heapq.heappop(heap)  # stale
+                continue
+            if entry[0] >= c.finish and entry[0] > _EPS:
+                break  # this one and all after it are busy until the backlog is done
+            popped.append(heapq.heappop(heap))
+            if entry[2] not in c.members and entry[2] not in out:
+                out[entry[2]] = w
+                found += 1
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        return list(out.values())
+
+    def _may_grow(self, c: _Context) -> bool:
+        n = len(c.members)
+        return c.view.pending > self.settings.prewarm_backlog * n and c.view.pending > n
+
+    def _commit(self, c, w, ready, cold, evicts, reason, heap, prewarm) -> None:
+        name, addr = c.view.name, w.view.address
+        finish, a, total, total_ready = c.with_member(ready, w.rate)
+        joined = not c.rs or ready < c.finish
+        if joined:
+            c.active, c.rate, c.rate_ready, c.finish = a + 1, total, total_ready, finish
+        insort(c.rs, (ready, -self._holding(w, c).queued_seconds, addr, w.rate, w.free))
+        c.members.add(addr)
+        if joined:
+            w.free, w.last = max(w.free, c.finish), name
+            w.version += 1
+            heapq.heappush(heap, (w.free, w.view.load_factor, addr, w.version))
+        w.pin(name, self._size(c, self._holding(w, c)))
+        for e in evicts:
+            w.unevict(e)
+            w.evicted.add(e)
+        c.added.append(Addition(addr, cold, reason, evicts))
+        if cold and self.settings.prewarm and len(c.members) > 1:
+            prewarm.append((addr, name))
+
+    # -- shrinking ----------------------------------------------------------------------------
+    def _shrink(self, demand: dict[str, _Context], ws: dict[str, _Worker], plan_no: int, now: float) -> set[str]:
+        """Release surplus members of sets over-provisioned long enough; the contexts that released."""
+        s = self.settings
+        released: set[str] = set()
+        for name, c in demand.items():
+            n = len(c.rs)
+            since = self._over.get(name)
+            # The most pending tasks seen while over-provisioned: a dip does not release workers.
+            pending = max(c.view.pending, since[2] if since else 0)
+            keep = self._surplus(c, pending) if n > 1 else n
+            if keep == n:
+                self._over.pop(name, None)
+                continue
+            if since is None:
+                self._over[name] = (plan_no, now, pending)
+                continue
+            self._over[name] = (since[0], since[1], pending)
+            if plan_no - since[0] < s.shrink_plans or now - since[1] < s.shrink_delay:
+                continue
+            del self._over[name]
+            keep = n - (n - keep + 1) // 2  # half the surplus at a time: sets shrink gradually
+            for _, _, addr, _, free_before in c.rs[keep:]:
+                w = ws[addr]
+                if w.last == name:
+                    w.free, w.last = free_before, None
+                    w.version += 1
+                used = w.unpin(name)
+                h = self._holding(w, c)
+                if h.state == _RESIDENT and used is not None:
+                    w.evictable_add(name, used, self._full_load(w, c, h))
+                c.members.discard(addr)
+                c.removed.append(addr)
+                self._released[(name, addr)] = plan_no
+            del c.rs[keep:]
+            c.solve()
+            released.add(name)
+        return released
+
+    def _surplus(self, c: _Context, pending: int) -> int:
+        """How many of ``rs`` to keep: members are dropped from the latest-ready end while surplus."""
+        s = self.settings
+        rs, work = c.rs, c.work
+        a, total, total_ready, finish = c.active, c.rate, c.rate_ready, c.finish
+        limit = (1 + s.shrink_margin) * c.finish + c.view.task_seconds + _EPS
+        keep = len(rs)
+        while keep > 1:
+            r, _, _, rate, _ = rs[keep - 1]
+            if keep - 1 >= a:
+                if r > _EPS:
+                    keep -= 1  # contributes nothing: ready after the backlog is done
+                    continue
+                after = finish
+            else:
+                after = (work + total_ready - rate * r) / (total - rate) if total > rate else math.inf
+            if pending * (1 + s.shrink_margin) > s.prewarm_backlog * (keep - 1) or after > limit:
+                break
+            if keep - 1 < a:
+                a, total, total_ready, finish = keep - 1, total - rate, total_ready - rate * r, after
+            keep -= 1
+        return keep
+
+
+_ABSENT = Holding()
