@@ -100,3 +100,14 @@ def test_every_reliability_row_names_an_existing_test():
         assert re.search(rf"^(async )?def {name}\(", source, re.MULTILINE), (
             f"{module}::{name} named in reliability.md does not exist"
         )
+
+
+def test_code_map_lists_exactly_the_modules_in_the_tree():
+    """docs/codemap.md names every module of the package once, and nothing that is not there."""
+    import re
+
+    package = ROOT / "dask_pervasive"
+    tree = {str(p.relative_to(ROOT)) for p in package.rglob("*.py")}
+    listed = re.findall(r"^\| `(dask_pervasive/[^`]+\.py)` \|", (DOCS / "codemap.md").read_text(), flags=re.M)
+    assert len(listed) == len(set(listed)), "a module is listed twice"
+    assert set(listed) == tree, f"missing: {sorted(tree - set(listed))}, not in the tree: {sorted(set(listed) - tree)}"
