@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import time
 
+from distributed import Event
+
 import dask_pervasive as dp
 
 CONTEXT = "model"
@@ -38,8 +40,13 @@ def load_files(path, device, seconds=1.0):
 
 
 @dp.uses_context(CONTEXT)
-def infer(model, x, seconds=0.1):
-    """A context task: returns its input, its result and the SLURM job that computed it."""
+def infer(model, x, seconds=0.1, gate=None):
+    """A context task: returns its input, its result and the SLURM job that computed it.
+
+    With ``gate`` (a :class:`distributed.Event` name) it waits for the event first, after the
+    context is loaded: a backlog that lasts until the test has seen what it waits for.
+    """
+    wait_for(gate)
     time.sleep(seconds)
     return x, model["value"] + model["bytes"] + x, os.environ.get("SLURM_JOB_ID")
 
@@ -48,10 +55,15 @@ def expected(x: int, source_bytes: int) -> int:
     return 1 + source_bytes + x
 
 
-def plain(x, seconds=0.5):
-    """A task with no context (drives adapt without touching the context)."""
-    time.sleep(seconds)
+def plain(x, gate=None):
+    """A task with no context (drives adapt without touching the context); waits for ``gate`` if given."""
+    wait_for(gate)
     return x
+
+
+def wait_for(gate: str | None, timeout: float = 120) -> None:
+    if gate is not None and not Event(gate).wait(timeout=timeout):
+        raise TimeoutError(f"gate {gate!r} was not set within {timeout}s")
 
 
 def job_info() -> dict:

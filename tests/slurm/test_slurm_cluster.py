@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
+from distributed import Event
 from slurm_harness import collect_once, jobs_of_workers, slurm_cluster, slurm_up, wait_until, worker_addresses
 from slurm_tasks import CONTEXT, expected, infer, make_source, plain
 
@@ -145,13 +147,15 @@ def test_adapt_keeps_warm_worker_and_bootstraps_from_peer(slurm, tmp_path):
         def mark(what):
             timeline.append(f"{time.monotonic() - t0:.1f}s {what}")
 
-        # Burst 1: the context on the first worker only, then enough plain work for three.
-        # Same task duration in both bursts: Adaptive sizes the cluster from the measured duration.
+        # Burst 1: the context on the first worker only, then plain tasks that wait at a gate
+        # until Adaptive has grown to three workers.
         warmup = collect_once(client.map(infer, range(4), seconds=0.25))
         assert {x: v for x, (v, _) in warmup.items()} == {x: expected(x, FILES * SIZE) for x in range(4)}
-        burst = client.map(plain, range(40), seconds=0.5)
+        gate1, gate2 = Event(f"burst-1-{uuid.uuid4().hex}"), Event(f"burst-2-{uuid.uuid4().hex}")
+        burst = client.map(plain, range(40), gate=gate1.name)
         wait_until(lambda: len(worker_addresses(client)) == 3, 90, "Adaptive to grow to 3 workers")
         mark("3 workers")
+        gate1.set()
         assert sorted(client.gather(burst)) == list(range(40))
         mark("burst 1 done")
         peak = worker_addresses(client)
@@ -165,10 +169,12 @@ def test_adapt_keeps_warm_worker_and_bootstraps_from_peer(slurm, tmp_path):
         mark("1 worker")
         assert kept == first, f"scale-down kept a cold worker ({kept}) and retired the warm one ({first})"
 
-        # Burst 2: a context backlog; the new workers bootstrap from the kept one.
-        futures = client.map(infer, range(100, 180), seconds=0.25)
-        wait_until(lambda: len(worker_addresses(client)) >= 2, 90, "Adaptive to grow again")
-        mark(f"{len(worker_addresses(client))} workers")
+        # Burst 2: a context backlog (held at a gate until Adaptive has grown to three again);
+        # the new workers bootstrap from the kept one.
+        futures = client.map(infer, range(100, 180), seconds=0.05, gate=gate2.name)
+        wait_until(lambda: len(worker_addresses(client)) == 3, 90, "Adaptive to grow to 3 workers again")
+        mark("3 workers")
+        gate2.set()
         results = collect_once(futures)
         mark("burst 2 done")
         assert sorted(results) == list(range(100, 180))
