@@ -46,7 +46,6 @@ if alive "$DIR/slurmctld.pid"; then
 fi
 stop "$DIR/slurmd.pid"
 stop "$DIR/slurmctld.pid"
-rm -f "$DIR/daemons.started"
 
 if [ "$KEEP_MUNGE" -eq 0 ] && [ -f "$DIR/munged.started" ]; then
     stop /run/munge/munged.pid

@@ -8,7 +8,8 @@
 # pid files live in DIR; nothing under /etc is written except munge's key when the package left
 # none. Idempotent: with our daemons up and the same config it only checks the node is idle.
 # Any (re)start wipes SLURM's state dir (stale jobs, or a ClusterName mismatch, would stop it).
-# On success prints `SLURM_CONF=DIR/slurm.conf` (export it for sinfo/sbatch/scancel) and exits 0;
+# On success prints `SLURM_CONF=DIR/slurm.conf` (export it for sinfo/sbatch/scancel) and
+# `SLURM_STARTED=1` (this run started slurmctld/slurmd) or `SLURM_STARTED=0` (they were up), exits 0;
 # otherwise prints the reason on stderr and exits 1. tests/slurm/slurm-down.sh stops what this started.
 set -euo pipefail
 
@@ -121,6 +122,7 @@ if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && cmp -s "$CONF.new" "
     rm -f "$CONF.new"
     wait_idle
     echo "SLURM_CONF=$CONF"
+    echo "SLURM_STARTED=0"
     exit 0
 fi
 
@@ -133,6 +135,6 @@ slurmctld -f "$CONF" || fail "slurmctld did not start:
 $(log_tail "$DIR/log/slurmctld.log")"
 slurmd -f "$CONF" || fail "slurmd did not start:
 $(log_tail "$DIR/log/slurmd.log")"
-touch "$DIR/daemons.started"
 wait_idle
 echo "SLURM_CONF=$CONF"
+echo "SLURM_STARTED=1"

@@ -93,7 +93,6 @@ def slurm_up() -> Iterator[Slurm]:
     SCRATCH.mkdir(parents=True, exist_ok=True)
     with open(SCRATCH / "tests.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session's tests finish first
-        was_up = (SCRATCH / "daemons.started").exists()
         try:
             up = subprocess.run(
                 [str(HERE / "slurm-up.sh"), str(SCRATCH)],
@@ -106,6 +105,7 @@ def slurm_up() -> Iterator[Slurm]:
             pytest.skip(f"SLURM did not come up: slurm-up.sh ran past {UP_TIMEOUT}s")
         if up.returncode != 0:
             pytest.skip(f"SLURM did not come up: {up.stderr.strip() or up.stdout.strip()}")
+        started = "SLURM_STARTED=1" in up.stdout.split()
         slurm = Slurm(conf=str(SCRATCH / "slurm.conf"), dir=SCRATCH)
         # dask-jobqueue calls sbatch/scancel/squeue from this process.
         with _environ(SLURM_CONF=slurm.conf):
@@ -113,7 +113,7 @@ def slurm_up() -> Iterator[Slurm]:
                 yield slurm
             finally:
                 slurm.cancel_all()
-                if not was_up and os.environ.get("DP_SLURM_KEEP") != "1":
+                if started and os.environ.get("DP_SLURM_KEEP") != "1":
                     subprocess.run(
                         [str(HERE / "slurm-down.sh"), str(SCRATCH)], check=False, capture_output=True, timeout=60
                     )
