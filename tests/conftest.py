@@ -22,6 +22,16 @@ import dask_pervasive.config
 # gen_cluster resets dask.config to a snapshot taken when utils_test was first
 # imported, possibly before our defaults were loaded: add them to it.
 dask.config.update(distributed.utils_test.original_config, dask_pervasive.config.defaults, priority="old")
+try:
+    import dask_jobqueue  # noqa: F401  (loads jobqueue.yaml into dask.config)
+except ImportError:
+    pass
+else:
+    # The same for dask-jobqueue's: once tests/slurm has imported it, a gen_cluster test's reset
+    # would drop them and a later SLURMCluster fail with KeyError: 'jobqueue'.
+    dask.config.update(
+        distributed.utils_test.original_config, {"jobqueue": dask.config.get("jobqueue")}, priority="old"
+    )
 
 
 @pytest.fixture(scope="session")
