@@ -9,11 +9,25 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import dask.config
+import distributed.utils_test
 from distributed.utils_test import (  # noqa: F401  (fixtures used by gen_cluster)
     cleanup,
     loop,
     loop_in_thread,
 )
+
+# Our own defaults need no such help (dask_pervasive.config.get falls back to them); dask-jobqueue's do.
+try:
+    import dask_jobqueue  # noqa: F401  (loads jobqueue.yaml into dask.config)
+except ImportError:
+    pass
+else:
+    # Once tests/slurm has imported it, a gen_cluster test's reset_config()
+    # would drop its defaults and a later SLURMCluster fail with KeyError: 'jobqueue'.
+    dask.config.update(
+        distributed.utils_test.original_config, {"jobqueue": dask.config.get("jobqueue")}, priority="old"
+    )
 
 
 @pytest.fixture(scope="session")
