@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 import dask_pervasive as dp
 from dask_pervasive.bench import factcheck as fc
@@ -65,12 +66,20 @@ def main() -> int:
     n_tasks = len(workload.batches(args.batch_size))
 
     with (
-        LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        # a scratch directory of its own: no clash with other clusters' leftovers in the shared default
+        tempfile.TemporaryDirectory(prefix="dask-pervasive-demo-") as scratch,
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            local_directory=scratch,
+        ) as cluster,
         Client(cluster) as client,
     ):
         console.print(
             f"{len(workload.claims)} claims in {n_tasks} tasks, {len(workload.passages)} evidence passages, "
-            f"{args.workers} workers; model: all-MiniLM-L6-v2 from {source.rpartition('file://')[2]}"
+            f"{args.workers} workers; model: all-MiniLM-L6-v2 from .../{fc.MINILM_PACKAGE}/model.zip"
         )
         client.run(fc.prepare_worker)  # imports torch and the BERT code once per worker, for both runs
         # naive: each task copies the model files from the zip, loads them and embeds the corpus

@@ -70,7 +70,7 @@ def test_model_zip_found_without_importing_the_package():
 @needs_minilm
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_demo_pipeline_on_the_pretrained_model(caplog):
+def test_demo_pipeline_on_the_pretrained_model(caplog, tmp_path):
     """The demo's two strategies, small: high and identical accuracy, at most one load per worker, quiet close."""
     from distributed import Client, LocalCluster
 
@@ -80,7 +80,9 @@ def test_demo_pipeline_on_the_pretrained_model(caplog):
     source = fc.minilm_source()
     with (
         caplog.at_level(logging.WARNING, logger="distributed"),
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", local_directory=str(tmp_path)
+        ) as cluster,
         Client(cluster) as client,
     ):
         client.run(fc.prepare_worker)
