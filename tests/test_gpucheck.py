@@ -55,6 +55,35 @@ def test_arguments():
     assert (args.allow_no_gpu, args.no_bench, args.bench_timeout, args.out) == (True, True, 30.0, "o")
 
 
+@pytest.mark.parametrize(
+    ("statuses", "rc", "verdict"),
+    [
+        ([gpucheck.PASS, gpucheck.SKIP], 0, "every check that ran passed; not run: b"),
+        ([gpucheck.PASS, gpucheck.FAIL], 1, "FAILED: b"),
+        ([gpucheck.NOT_RUN, gpucheck.PASS], 0, "not run: a"),
+    ],
+)
+def test_exit_status_follows_the_results(monkeypatch, capsys, statuses, rc, verdict):
+    """The verdict logic, without a GPU: any FAIL exits 1, and what did not run is named."""
+    import dask_pervasive.devices
+
+    monkeypatch.setattr(dask_pervasive.devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(gpucheck, "device_name", lambda: "a test double")
+    results = [gpucheck.Result(name, status) for name, status in zip("ab", statuses)]
+    monkeypatch.setattr(gpucheck, "run_checks", lambda args: results)
+    assert gpucheck.main(["--no-bench"]) == rc
+    out = capsys.readouterr().out
+    assert verdict in out.splitlines()[-1]
+
+
+def test_a_check_that_raises_is_a_failure():
+    def boom():
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    (result,) = gpucheck._guarded("cuda-load", boom)
+    assert result.status == gpucheck.FAIL and "illegal memory access" in result.detail
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.timeout(600)

@@ -346,9 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table([Result(c, NOT_RUN, reason) for c in CHECKS], "dask_pervasive GPU check: NOT RUN")
         print(f"NOT RUN: {reason}; nothing was verified.")
         return 0
-    import torch
-
-    name = torch.cuda.get_device_name(0)
+    name = device_name()
     start = time.perf_counter()
     results = run_checks(args)
     failed = [r.check for r in results if r.status == FAIL]
@@ -359,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     not_run = [r.check for r in results if r.status in (NOT_RUN, SKIP)]
     print("every check that ran passed" + (f"; not run: {', '.join(not_run)}" if not_run else ""))
     return 0
+
+
+def device_name() -> str:
+    import torch
+
+    return str(torch.cuda.get_device_name(0))
 
 
 def _no_torch() -> bool:
