@@ -1066,6 +1066,17 @@ def _current_worker() -> Worker:
         ) from None
 
 
+class PeerFile(AbstractBufferedFile):
+    """A read-only ``dask-peer://`` file: reads are ranged ``cat_file`` calls.
+
+    fsspec < 2024.12's ``AbstractBufferedFile._fetch_range`` raises
+    ``NotImplementedError`` instead of falling back to ``cat_file``.
+    """
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self.path, start=start, end=end)
+
+
 class PeerFileSystem(AsyncFileSystem):
     """Read-only fsspec filesystem over the context files held by Dask workers.
 
@@ -1303,10 +1314,10 @@ class PeerFileSystem(AsyncFileSystem):
                 await asyncio.to_thread(partial.discard)  # no-op after a commit
         raise TransferError(f"could not copy dask-peer://{context}/{rel}: {'; '.join(errors)}")
 
-    def _open(self, path: str, mode: str = "rb", block_size: int | None = None, **kwargs: Any) -> AbstractBufferedFile:
+    def _open(self, path: str, mode: str = "rb", block_size: int | None = None, **kwargs: Any) -> PeerFile:
         if mode != "rb":
             raise NotImplementedError("dask-peer:// is read-only")
-        return AbstractBufferedFile(self, path, mode, block_size=block_size or self.chunk_size, **kwargs)
+        return PeerFile(self, path, mode, block_size=block_size or self.chunk_size, **kwargs)
 
 
 fsspec.register_implementation(PeerFileSystem.protocol, PeerFileSystem, clobber=True)
