@@ -77,6 +77,9 @@ def find_context(run_spec: Any, budget: int = 64) -> str | None:
             kwargs = getattr(obj, "kwargs", None)
             if isinstance(kwargs, dict):
                 stack.extend(itertools.islice(kwargs.values(), budget))
+        elif isinstance(getattr(obj, "dsk", None), dict):
+            # dask < 2024.12 fuses blockwise tasks into a SubgraphCallable: the subgraph is in .dsk
+            stack.extend(itertools.islice(obj.dsk.values(), budget))
         elif isinstance(obj, dict):
             stack.extend(itertools.islice(obj.values(), budget))
         elif isinstance(obj, (list, tuple)):

@@ -285,7 +285,8 @@ async def _check_workers(client: Client, workers: Iterable[str] | None) -> list[
         workers = list(workers)
     except TypeError:
         raise ContextUsageError(f"workers must be a list of worker addresses, got {workers!r}") from None
-    info = await client.scheduler.identity(n_workers=-1)
+    # No n_workers= (distributed < 2025.4 rejects it); the default lists every worker.
+    info = await client.scheduler.identity()
     unknown = [w for w in workers if w not in info["workers"]]
     if unknown:
         raise ContextUsageError(f"unknown worker address(es) {unknown!r}; the cluster has {sorted(info['workers'])!r}")
@@ -339,7 +340,7 @@ async def _prewarm(client, name, n_workers, workers, progress) -> list[str]:
     if workers is not None:
         targets = list(workers)
     else:
-        info = await client.scheduler.identity(n_workers=-1)
+        info = await client.scheduler.identity()
         cold = sorted(w for w in info["workers"] if w not in resident)
         files = {r["worker"] for r in mine if r["files"]}
         cold.sort(key=lambda w: w not in files)  # files-warm workers load without fetching

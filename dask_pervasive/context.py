@@ -343,15 +343,18 @@ class TransformersLoader:
         import os
 
         import torch
-        import transformers
 
-        try:
-            cls = getattr(transformers, self.model_class)
-        except AttributeError:
-            raise ValueError(f"transformers has no model class {self.model_class!r}") from None
         dtype = self.torch_dtype if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
-        hf_logging = transformers.utils.logging
         with _TRANSFORMERS_LOAD_LOCK:
+            # transformers' lazy module is not thread-safe on first import: concurrent loads
+            # import it and look the class up one at a time too.
+            import transformers
+
+            try:
+                cls = getattr(transformers, self.model_class)
+            except AttributeError as exc:
+                raise ValueError(f"transformers has no model class {self.model_class!r}") from exc
+            hf_logging = transformers.utils.logging
             # A progress bar per load floods worker logs; restore the user's setting after.
             bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()

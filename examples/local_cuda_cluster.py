@@ -51,12 +51,24 @@ def probe(weights: Any, i: int) -> dict[str, Any]:
     }
 
 
+def _broken_dask_cuda(exc: ImportError) -> str:
+    # e.g. plain `pip install dask-cuda` lacks the CUDA bindings its [cu12]/[cu13] extras bring
+    return (
+        f"dask-cuda is installed but does not import: {type(exc).__name__}: {exc} "
+        '(pip install "dask-cuda[cu12]", or [cu13] for CUDA 13, brings the CUDA bindings it needs)'
+    )
+
+
 def missing_requirement() -> str | None:
     """Why this example cannot run here, or ``None``."""
     try:
         import dask_cuda  # noqa: F401
-    except ImportError:
-        return "dask-cuda is not installed (pip install dask-cuda)"
+    except ModuleNotFoundError as exc:
+        if exc.name == "dask_cuda":
+            return 'dask-cuda is not installed (pip install "dask-cuda[cu12]", or [cu13] for CUDA 13)'
+        return _broken_dask_cuda(exc)
+    except ImportError as exc:
+        return _broken_dask_cuda(exc)
     if not cuda_available():
         return "no CUDA device is visible (torch with CUDA and a GPU are needed)"
     return None

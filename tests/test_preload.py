@@ -328,6 +328,23 @@ def test_slurm_job_script(capsys):
 
 
 # -- the LocalCUDACluster example ------------------------------------------------------------------
+def test_local_cuda_cluster_example_reports_the_real_import_error(tmp_path, monkeypatch):
+    example = _load_example("local_cuda_cluster")
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed
+    assert example.missing_requirement().startswith("dask-cuda is not installed")
+    # Installed without the CUDA bindings, as plain `pip install dask-cuda` leaves it.
+    (tmp_path / "dask_cuda").mkdir()
+    (tmp_path / "dask_cuda" / "__init__.py").write_text("from cuda import bindings\n")
+    (tmp_path / "cuda").mkdir()
+    (tmp_path / "cuda" / "__init__.py").write_text("")
+    monkeypatch.delitem(sys.modules, "dask_cuda")
+    for cached in ("cuda", "cuda.bindings"):
+        monkeypatch.delitem(sys.modules, cached, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reason = example.missing_requirement()
+    assert "installed but does not import" in reason and "cannot import name 'bindings' from 'cuda'" in reason
+
+
 def test_local_cuda_cluster_example(capsys):
     example = _load_example("local_cuda_cluster")
     reason = example.missing_requirement()

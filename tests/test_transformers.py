@@ -49,3 +49,57 @@ def test_transformers_context_on_cluster(tiny_gpt2):
         assert set(where["gpt"]["files"]) == set(where["gpt"]["resident"])
 
     run()
+
+
+_CONCURRENT_FIRST_LOADS = """
+import sys
+import threading
+
+from dask_pervasive.context import TransformersLoader
+
+assert "transformers" not in sys.modules, "the first import must happen in the loads"
+start = threading.Barrier(3)
+errors = []
+
+
+def load(model_class):
+    start.wait()
+    try:
+        TransformersLoader(model_class=model_class, tokenizer=False)(sys.argv[1], "cpu")
+    except Exception as exc:
+        errors.append(f"{model_class}: {exc!r} (cause {exc.__cause__!r})")
+
+
+threads = [threading.Thread(target=load, args=(c,)) for c in ("AutoModelForCausalLM", "GPT2LMHeadModel", "AutoModel")]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("\\n".join(errors))
+sys.exit(1 if errors else 0)
+"""
+
+
+@pytest.mark.timeout(300)  # a fresh interpreter imports torch and transformers
+def test_first_loads_in_threads_at_once_find_the_model_class(tiny_gpt2):
+    # transformers' lazy module is not thread-safe on first import; a fresh interpreter, so
+    # these loads are the first import.
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT_FIRST_LOADS, tiny_gpt2],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_unknown_model_class_keeps_the_cause(tiny_gpt2):
+    from dask_pervasive.context import TransformersLoader
+
+    with pytest.raises(ValueError, match="no model class 'NoSuchModel'") as info:
+        TransformersLoader(model_class="NoSuchModel")(tiny_gpt2, "cpu")
+    assert isinstance(info.value.__cause__, AttributeError)

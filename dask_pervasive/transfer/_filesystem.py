@@ -38,6 +38,17 @@ def _current_worker() -> Worker:
         ) from None
 
 
+class PeerFile(AbstractBufferedFile):
+    """A read-only ``dask-peer://`` file: reads are ranged ``cat_file`` calls.
+
+    fsspec < 2024.12's ``AbstractBufferedFile._fetch_range`` raises
+    ``NotImplementedError`` instead of falling back to ``cat_file``.
+    """
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self.path, start=start, end=end)
+
+
 class PeerFileSystem(AsyncFileSystem):
     """Read-only fsspec filesystem over the context files held by Dask workers.
 
@@ -279,10 +290,10 @@ class PeerFileSystem(AsyncFileSystem):
 
         await self._read_verified(rpath, 0, meta["size"], sink, "copy")
 
-    def _open(self, path: str, mode: str = "rb", block_size: int | None = None, **kwargs: Any) -> AbstractBufferedFile:
+    def _open(self, path: str, mode: str = "rb", block_size: int | None = None, **kwargs: Any) -> PeerFile:
         if mode != "rb":
             raise NotImplementedError("dask-peer:// is read-only")
-        return AbstractBufferedFile(self, path, mode, block_size=block_size or self.chunk_size, **kwargs)
+        return PeerFile(self, path, mode, block_size=block_size or self.chunk_size, **kwargs)
 
 
 class _Memory:

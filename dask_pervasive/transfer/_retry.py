@@ -175,7 +175,7 @@ class StallGuard:
         self._jobs.put((future, fn, args))
         try:
             return future.result(self.timeout)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             if future.done():
                 raise  # the call itself timed out
             self.stalled = True
