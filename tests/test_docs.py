@@ -108,6 +108,6 @@ def test_code_map_lists_exactly_the_modules_in_the_tree():
 
     package = ROOT / "dask_pervasive"
     tree = {str(p.relative_to(ROOT)) for p in package.rglob("*.py")}
-    listed = re.findall(r"^\| `(dask_pervasive/[^`]+\.py)` \|", (DOCS / "codemap.md").read_text(), flags=re.M)
+    listed = re.findall(r"^\| `(dask_pervasive/[^`]+\.py)` \|", (DOCS / "codemap.md").read_text(), flags=re.MULTILINE)
     assert len(listed) == len(set(listed)), "a module is listed twice"
     assert set(listed) == tree, f"missing: {sorted(tree - set(listed))}, not in the tree: {sorted(set(listed) - tree)}"
