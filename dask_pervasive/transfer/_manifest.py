@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TransferError
-from ._parts import atomic_write_bytes
+from ._parts import RESERVED, atomic_write_bytes
 
 if TYPE_CHECKING:
     from .._settings import TransferSettings
@@ -67,20 +67,33 @@ def path_problem(rel: Any) -> str | None:
     return None
 
 
+def reserved(rel: str) -> bool:
+    """Whether a segment of ``rel`` uses the prefix reserved for the manifest and temporary files."""
+    return any(p.startswith(RESERVED) for p in rel.split("/"))
+
+
 def safe_name(rel: Any) -> bool:
-    """Whether a manifest may list ``rel``: a plain relative path, not the manifest's own name."""
-    return path_problem(rel) is None and not rel.startswith(MANIFEST)
+    """Whether a manifest may list ``rel``: a plain relative path, no segment with the reserved prefix
+    (the manifest's own name, temporary files)."""
+    return path_problem(rel) is None and not reserved(rel)
 
 
 def safe_relpath(rel: str) -> str:
     """``rel`` (a name an origin lists) normalized to a plain relative path that stays inside its root.
 
     ``\\`` counts as a separator, leading ``/`` are dropped; ``..`` that
-    would climb out of the root, NUL bytes and empty paths raise ``ValueError``.
+    would climb out of the root, NUL bytes and empty paths raise ``ValueError``,
+    and so do names with the prefix reserved for dask_pervasive's own files
+    (``.pervasive-``: the manifest, temporary files), which would collide with them.
     """
     if isinstance(rel, str) and "\x00" not in rel:
         normal = posixpath.normpath(rel.replace("\\", "/")).lstrip("/")
         if path_problem(normal) is None:
+            if reserved(normal):
+                raise ValueError(
+                    f"refusing {rel!r}: names starting with {RESERVED!r} are reserved for dask_pervasive's "
+                    "manifest and temporary files"
+                )
             return normal
     raise ValueError(f"refusing unsafe relative path {rel!r}")
 

@@ -1,8 +1,12 @@
 """Temporary files: every file is written under a part name and renamed into place once complete.
 
-A part name says which process writes it (``<final>.part-<host>.<pid>.<random>``),
-so :func:`remove_stale_parts` can remove those of dead processes at once
-instead of waiting for them to age.
+A part name starts with the reserved prefix :data:`RESERVED` (which no file of
+a context may use: :func:`~._manifest.safe_relpath` and
+:func:`~._manifest.safe_name` refuse it) and says which process writes it
+(``.pervasive-part-<host hash>.<pid>.<random>.<file>``), so
+:func:`remove_stale_parts` removes only temporary files, never a context's
+own (``shard.part-00001.bin``), and those of dead processes at once instead
+of waiting for them to age.
 """
 
 from __future__ import annotations
@@ -14,21 +18,31 @@ import socket
 import time
 import uuid
 
-#: What every temporary name contains.
-PART = ".part-"
-_HOST = socket.gethostname().replace("/", "_").replace(os.sep, "_")
+#: Names (of any path segment) reserved for dask_pervasive's own files in a copy's directory.
+RESERVED = ".pervasive-"
+#: What every temporary name starts with.
+PART = f"{RESERVED}part-"
+#: The host in part names: a hash, so it has no dots and no separators.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+_KEEP_OF_NAME = 64  # characters of the final name kept in a part name (for people; names stay < 255)
 
 
 def part_name(final: str) -> str:
     """A temporary name next to ``final`` that says which process writes it."""
-    return f"{final}{PART}{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    head, base = os.path.split(final)
+    name = f"{PART}{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{base[:_KEEP_OF_NAME]}"
+    return os.path.join(head, name)
+
+
+def is_part(name: str) -> bool:
+    """Whether the file name ``name`` (no directory) is a temporary file."""
+    return name.startswith(PART)
 
 
 def _writer_gone(name: str) -> bool:
     """Whether the temporary file ``name`` was written by a process of this host that is dead."""
-    tail = name.rpartition(PART)[2]
     try:
-        host, pid, _ = tail.rsplit(".", 2)
+        host, pid, _, _ = name[len(PART) :].split(".", 3)
         pid = int(pid)
     except ValueError:
         return False  # another naming scheme: only its age tells
@@ -111,7 +125,7 @@ def remove_stale_parts(root: str, older_than: float = 3600.0) -> int:
     cutoff = time.time() - older_than
     for dirpath, _, names in os.walk(root):
         for n in names:
-            if PART in n:
+            if is_part(n):
                 p = os.path.join(dirpath, n)
                 try:
                     if _writer_gone(n) or os.path.getmtime(p) < cutoff:
