@@ -18,7 +18,7 @@ from .._settings import TransferSettings
 from ..errors import TransferError
 from ._coordinator import coordinator_available
 from ._manifest import Corrupt, check_manifest, manifest_digest
-from ._parts import PartialFile
+from ._parts import LocalWriteError, PartialFile
 from ._stream import stream_from_peer
 
 if TYPE_CHECKING:
@@ -242,6 +242,8 @@ class PeerFileSystem(AsyncFileSystem):
                             timeout=self.timeout,
                         )
                         break
+                    except LocalWriteError:
+                        raise  # the caller's disk, not the peer
                     except Exception as exc:  # noqa: BLE001 - resume from the next peer
                         errors.append(f"{peer}: {type(exc).__name__}: {exc}")
                 else:

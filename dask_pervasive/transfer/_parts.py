@@ -18,6 +18,8 @@ import socket
 import time
 import uuid
 
+from ..errors import TransferError
+
 #: Names (of any path segment) reserved for dask_pervasive's own files in a copy's directory.
 RESERVED = ".pervasive-"
 #: What every temporary name starts with.
@@ -67,31 +69,73 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class LocalWriteError(TransferError):
+    """Writing a received file to this worker's disk failed (disk full, quota, I/O error).
+
+    The receiver's fault, never the source's: not retried against the
+    source, and the source is not blamed (no cool-down, not suspect).
+    """
+
+
 class PartialFile:
     """A file being received: temporary name, bytes so far, running sha256.
 
-    ``sources`` names where its bytes came from (``"origin"``, peer
-    addresses), so a mismatch can be blamed.
+    The temporary file holds exactly the bytes hashed so far: a write that
+    fails part-way (``ENOSPC`` after part of a chunk reached the disk) is cut
+    back to the last verified offset, and :meth:`commit` checks the size on
+    disk before renaming. ``sources`` names where its bytes came from
+    (``"origin"``, peer addresses), so a mismatch can be blamed.
     """
 
     def __init__(self, final: str) -> None:
         self.final = final
         self.tmp = part_name(final)
         os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
-        self.fh = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit/discard
+        # Unbuffered: every byte handed to write() is on its way to the disk or the write
+        # failed, so a failed write can be cut back (a buffered writer keeps torn data in its buffer).
+        self.fh = open(self.tmp, "wb", buffering=0)  # noqa: SIM115 - closed by commit/discard
         self.hasher = hashlib.sha256()
         self.offset = 0
         self.sources: set[str] = set()
+        self._torn: OSError | None = None  #: a failed write that could not be cut back
+
+    def _failed(self, exc: OSError, doing: str) -> LocalWriteError:
+        return LocalWriteError(f"{doing} {self.tmp} on this worker failed: {exc} (the receiver's disk, not the source)")
 
     def absorb(self, data: bytes) -> None:
-        self.fh.write(data)
+        """Append ``data``; on a local write error the file is cut back to what was hashed.
+
+        Raises
+        ------
+        LocalWriteError
+            The write failed (chained to the ``OSError``).
+        """
+        if self._torn is not None:
+            raise self._failed(self._torn, "writing") from self._torn
+        view = memoryview(data)
+        try:
+            while view:
+                n = self.fh.write(view)
+                view = view[n or 0 :]
+        except OSError as exc:
+            self._rewind(exc)
+            raise self._failed(exc, "writing") from exc
         self.hasher.update(data)
         self.offset += len(data)
 
+    def _rewind(self, exc: OSError) -> None:
+        """Cut the file back to the bytes hashed (a torn write may have left part of a chunk)."""
+        try:
+            os.ftruncate(self.fh.fileno(), self.offset)
+            self.fh.seek(self.offset)
+        except OSError:
+            self._torn = exc  # unusable: reset() or discard()
+
     def reset(self) -> None:
         """Forget every byte received (start the file over)."""
+        os.ftruncate(self.fh.fileno(), 0)
         self.fh.seek(0)
-        self.fh.truncate()
+        self._torn = None
         self.hasher = hashlib.sha256()
         self.offset = 0
         self.sources.clear()
@@ -100,8 +144,24 @@ class PartialFile:
         return {"size": self.offset, "sha256": self.hasher.hexdigest()}
 
     def commit(self, sha256: str | None) -> bool:
-        """Rename into place if the content hashes to ``sha256`` (any, if ``None``)."""
-        self.fh.close()
+        """Rename into place if the content hashes to ``sha256`` (any, if ``None``).
+
+        Raises
+        ------
+        LocalWriteError
+            The file on disk is not the bytes hashed (a failed write), or closing it failed.
+        """
+        try:
+            on_disk = os.fstat(self.fh.fileno()).st_size
+            self.fh.close()
+        except OSError as exc:
+            self.discard()
+            raise self._failed(exc, "closing") from exc
+        if self._torn is not None or on_disk != self.offset:
+            self.discard()
+            raise LocalWriteError(
+                f"{self.tmp} holds {on_disk} bytes but {self.offset} were received and hashed; not committed"
+            )
         if sha256 is not None and self.hasher.hexdigest() != sha256:
             self.discard()
             return False
@@ -110,7 +170,8 @@ class PartialFile:
 
     def discard(self) -> None:
         """Close and delete the temporary file (a no-op after a commit)."""
-        self.fh.close()
+        with contextlib.suppress(OSError):
+            self.fh.close()
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
 

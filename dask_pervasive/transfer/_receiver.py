@@ -34,7 +34,7 @@ from ._manifest import (
     write_manifest,
 )
 from ._origin import OriginCopy, fetch_source
-from ._parts import PartialFile, remove_stale_parts
+from ._parts import LocalWriteError, PartialFile, remove_stale_parts
 from ._stream import stream_from_peer
 
 if TYPE_CHECKING:
@@ -182,6 +182,8 @@ class Receiver:
                 # Complete (and servable) before the coordinator offers this worker as a source.
                 await asyncio.to_thread(write_manifest, self.dest, {"source": self.context.source, **manifest})
                 ok = True
+            except LocalWriteError:
+                raise  # this worker's disk: no other source can help, and this one is not to blame
             except Corrupt as exc:
                 if source == ORIGIN:
                     raise

@@ -9,18 +9,107 @@ that were verified, and a changed origin is an error, never two versions.
 
 from __future__ import annotations
 
+import builtins
+import errno
+import importlib
 import os
+from pathlib import Path
 
 import fsspec
 import pytest
+from distributed.utils_test import gen_cluster
+from transfer_helpers import coordinator, copy_dir, digests, load_digests, write_model
 
 import dask_pervasive as dp
 from dask_pervasive._settings import TransferSettings
-from dask_pervasive.transfer import cached_copy, fetch_source, remove_stale_parts
+from dask_pervasive.transfer import MANIFEST, PART, cached_copy, fetch_source, remove_stale_parts
+
+_parts = importlib.import_module("dask_pervasive.transfer._parts")
+
+CHUNK = 32 * 2**10
+SIZES = (200_000, 70_000)
+#: Fast retries: 3 attempts, 50-100 ms apart.
+FAST = TransferSettings(chunk_size=CHUNK, retries=2, retry_backoff=0.05, retry_backoff_max=1.0, stall_timeout=5.0)
+FAST_CONFIG = {
+    "pervasive.transfer.chunk-size": "32KiB",
+    "pervasive.transfer.retries": 2,
+    "pervasive.transfer.retry-backoff": "50ms",
+    "pervasive.transfer.retry-backoff-max": "1s",
+    "pervasive.transfer.stall-timeout": "5s",
+    "pervasive.worker.retry-failed-after": "0s",  # a failed load may be tried again at once
+}
 
 
 def settings(chunk_size: int, **kwargs) -> TransferSettings:
     return TransferSettings(chunk_size=chunk_size, **kwargs)
+
+
+def read_tree(path) -> dict[str, str]:
+    """sha256 of every file a loader would see under ``path``."""
+    return load_digests(path, "cpu")
+
+
+def no_leftovers(dest: Path) -> bool:
+    return not dest.exists() or not list(dest.rglob(f"*{PART}*"))
+
+
+def model_context(url: str, name: str = "m") -> dp.Context:
+    return dp.Context(name, load=load_digests, source=url, device="cpu")
+
+
+class FullDisk:
+    """The cache disk fills up: once ``after`` bytes of temporary files are written, the next write puts
+    half of its chunk on disk, then raises ``OSError(ENOSPC)`` (as a real full disk does); later writes
+    succeed (space was freed). Installed as ``open`` of :mod:`dask_pervasive.transfer._parts`."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.written = 0
+        self.hits = 0
+        self.armed = False
+
+    def arm(self) -> None:
+        """Fill up after ``after`` more bytes."""
+        self.written = 0
+        self.armed = True
+
+    def open(self, path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 - the caller closes it
+        if "w" in mode and os.path.basename(path).startswith(PART) and not path.endswith(MANIFEST):
+            return _FillingFile(f, self)
+        return f
+
+
+class _FillingFile:
+    def __init__(self, f, disk: FullDisk) -> None:
+        self.f, self.disk = f, disk
+
+    def write(self, data) -> int:
+        disk = self.disk
+        if disk.armed and disk.written + len(data) > disk.after:
+            disk.armed = False
+            disk.hits += 1
+            self.f.write(bytes(data[: len(data) // 2]))  # part of the chunk reached the file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = self.f.write(data)
+        disk.written += len(data) if n is None else n
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch) -> FullDisk:
+    disk = FullDisk(after=100_000)  # inside w0.bin, mid-chunk
+    monkeypatch.setattr(_parts, "open", disk.open, raising=False)
+    return disk
 
 
 # -- temporary names never collide with real ones -----------------------------------------------
@@ -49,3 +138,41 @@ def test_origin_names_with_the_reserved_prefix_are_refused(tmp_path):
     fs.pipe("/models/reserved/sub/.pervasive-part-x", b"p")
     with pytest.raises(ValueError, match="reserved"):
         fetch_source("memory://models/reserved", {}, str(tmp_path / "c"), settings(16))
+
+
+# -- a full disk mid-copy ---------------------------------------------------------------------------
+def test_disk_full_mid_copy_from_the_origin_never_commits_a_torn_file(tmp_path, full_disk):
+    """ENOSPC after part of a chunk: the copy fails as the receiver's disk (not retried against the origin),
+    nothing is committed; once there is room, the next fetch gives exactly the origin's bytes."""
+    files = write_model(tmp_path / "store", "model", SIZES)
+    url = f"file://{tmp_path}/store/model/"
+    dest = tmp_path / "c"
+    full_disk.arm()
+    with pytest.raises(dp.TransferError, match="No space left on device.*receiver's disk") as err:
+        fetch_source(url, {}, str(dest), FAST)
+    assert "failed 3 time" not in str(err.value)  # not retried against the origin
+    assert full_disk.hits == 1
+    assert not (dest / MANIFEST).exists() and not (dest / "w0.bin").exists() and no_leftovers(dest)
+    result = fetch_source(url, {}, str(dest), FAST)
+    assert read_tree(result.path) == digests(files)
+    assert result.manifest["files"]["w0.bin"]["size"] == SIZES[0]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, config=FAST_CONFIG)
+async def test_disk_full_mid_copy_from_a_peer_blames_the_receiver(c, s, a, b, tmp_path, full_disk):
+    """ENOSPC on the receiver while it copies from a peer: the load fails on the receiver, the healthy peer
+    is neither cooled down nor suspect, no torn file is committed or served; with room again, right bytes."""
+    files = write_model(tmp_path / "store", "model", SIZES)
+    await dp.install(c, [model_context(f"file://{tmp_path}/store/model/")])
+    await dp.prewarm(c, "m", workers=[a.address], progress=False)
+    full_disk.arm()
+    with pytest.raises(dp.ContextLoadError, match="No space left on device"):
+        await dp.prewarm(c, "m", workers=[b.address], progress=False)
+    assert full_disk.hits == 1
+    transfer = coordinator(s)
+    assert not transfer.cooling and not any(transfer.suspect.values())
+    assert transfer.holders("m") == [a.address] and not transfer.leases and transfer.origin_active == 0
+    dest = copy_dir(b)
+    assert not (dest / MANIFEST).exists() and not (dest / "w0.bin").exists() and no_leftovers(dest)
+    await dp.prewarm(c, "m", workers=[b.address], progress=False)
+    assert await c.submit(dp.get_context, "m", workers=[b.address]) == digests(files)
