@@ -70,13 +70,27 @@ def origin_filesystem(
     return url_to_fs(source, **options)
 
 
-def open_for_copy(fs: fsspec.AbstractFileSystem, path: str, chunk_size: int):
-    """Open ``path`` to be read once, front to back, in ``chunk_size`` pieces.
+def is_web(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is fsspec's ``http(s)`` file system."""
+    return any(p in ("http", "https") for p in _protocols(fs))
 
-    Without read-ahead caching: fsspec's default (``readahead``, 5 MiB blocks)
+
+def open_for_copy(fs: fsspec.AbstractFileSystem, path: str, chunk_size: int, offset: int = 0, size: int | None = None):
+    """Open ``path`` to be read once, front to back, in ``chunk_size`` pieces, from ``offset`` on.
+
+    Over ``http(s)``, a read from the start is one streaming ``GET``
+    without ``Range`` (any server serves it, and in one request); a read
+    from ``offset`` > 0 asks byte ranges, which the caller seeks to and
+    must be ready to see refused (``ValueError``). Elsewhere without
+    read-ahead caching: fsspec's default (``readahead``, 5 MiB blocks)
     re-requests overlapping ranges when reads are not block-aligned, which
     reads about one block per file twice from remote stores.
     """
+    if is_web(fs):
+        sized = {"size": size} if size is not None else {}
+        if offset == 0:
+            return fs.open(path, "rb", block_size=0, **sized)
+        return fs.open(path, "rb", block_size=chunk_size, cache_type="none", **sized)
     try:
         return fs.open(path, "rb", block_size=chunk_size, cache_type="none")
     except TypeError:  # a filesystem whose open() takes no caching options
@@ -94,6 +108,9 @@ class SourceListing:
     is_file: bool
     #: relative path → size the origin lists (``None`` where it does not say, e.g. http listings)
     sizes: dict[str, int | None] = field(default_factory=dict)
+    #: whether the origin serves byte ranges (resumes at an offset): ``None`` until a resume tells
+    #: (or an http ``Accept-Ranges: none`` says no)
+    ranges: bool | None = None
 
 
 def _size(info: Any) -> int | None:
@@ -122,7 +139,7 @@ def _list(fs: fsspec.AbstractFileSystem, root: str, source: str, call: Callable)
     # says "file" for everything (a directory is an HTML index page): there a
     # trailing slash marks a directory, listed from the links of its index.
     info = call(fs.info, root)
-    web = any(p in ("http", "https") for p in _protocols(fs))
+    web = is_web(fs)
     if info["type"] == "directory" or source.endswith("/"):
         found = call(lambda: fs.find(root, detail=True))
         base = root.rstrip("/")
@@ -208,6 +225,53 @@ class OriginCopy:
             partial.discard()  # no-op after a commit
         return got
 
+    def _size(self, guard: StallGuard, rel: str) -> int | None:
+        """The size of ``rel`` the origin states; over http, asked once (``HEAD``) where the listing
+        does not say, which also tells whether the server refuses ranges (``Accept-Ranges: none``)."""
+        listing = self.listing
+        size = listing.sizes.get(rel)
+        if size is None and is_web(listing.fs):
+            info = guard(listing.fs.info, listing.files[rel])
+            size = listing.sizes[rel] = _size(info)
+            if info.get("partial") is False:
+                listing.ranges = False
+        return size
+
+    def _open_at(self, guard: StallGuard, remote: str, partial: PartialFile, size: int | None) -> tuple[Any, Any]:
+        """``remote`` opened at ``partial.offset``, and the first chunk when one was read to find out.
+
+        Resumed at the offset only where the origin serves ranges: detected
+        by trying (a server that ignores ``Range`` answers with the whole
+        file, which fsspec refuses with ``ValueError``), remembered for the
+        other files; otherwise ``partial`` starts over and the file is read
+        from the start.
+        """
+        listing = self.listing
+        if partial.offset and listing.ranges is not False:
+            src = guard(open_for_copy, listing.fs, remote, self.chunk_size, partial.offset, size)
+            try:
+                guard(src.seek, partial.offset)
+                first = guard(src.read, self.chunk_size)
+            except (ValueError, NotImplementedError) as exc:  # no ranges (or a stream that cannot seek)
+                guard.later(src.close)
+                listing.ranges = False
+                logger.info(
+                    "pervasive: the origin %s cannot resume %s at byte %d (%s); reading it from the start",
+                    self.source,
+                    remote,
+                    partial.offset,
+                    exc,
+                )
+            except BaseException:
+                guard.later(src.close)
+                raise
+            else:
+                listing.ranges = True
+                return src, first
+        if partial.offset:
+            partial.reset()
+        return guard(open_for_copy, listing.fs, remote, self.chunk_size, 0, size), None
+
     def _count(self, n: int) -> None:
         self.bytes += n
         if self.on_bytes is not None:
@@ -223,21 +287,18 @@ class OriginCopy:
         not match are dropped without counting as an attempt.
         """
         listing = self.listing
-        remote, size = listing.files[rel], listing.sizes.get(rel)
+        remote = listing.files[rel]
 
         def attempt(_: int) -> dict:
             with StallGuard(self.policy.stall_timeout, what) as guard:
-                src = guard(open_for_copy, listing.fs, remote, self.chunk_size)
+                size = self._size(guard, rel)
+                src, first = self._open_at(guard, remote, partial, size)
                 try:
                     listed = size if size is not None else getattr(src, "size", None)
                     listed = listed if is_count(listed) else None
-                    if partial.offset:
-                        try:
-                            guard(src.seek, partial.offset)
-                        except (ValueError, OSError, NotImplementedError):  # cannot seek (streaming): start over
-                            partial.reset()
                     partial.sources.add("origin")
-                    while chunk := guard(src.read, self.chunk_size):
+                    while chunk := (first if first is not None else guard(src.read, self.chunk_size)):
+                        first = None
                         partial.absorb(chunk)
                         self._count(len(chunk))
                         if listed is not None and partial.offset > listed:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import builtins
 import errno
+import functools
 import importlib
+import logging
 import os
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fsspec
@@ -110,6 +114,106 @@ def full_disk(monkeypatch) -> FullDisk:
     disk = FullDisk(after=100_000)  # inside w0.bin, mid-chunk
     monkeypatch.setattr(_parts, "open", disk.open, raising=False)
     return disk
+
+
+# -- origins without byte ranges ----------------------------------------------------------------------
+class PlainHTTPOrigin:
+    """``python -m http.server`` in a thread: the stdlib server, which ignores ``Range``.
+
+    ``cut`` maps a served path (``"model/w0.bin"``) to how many more GETs of it send half the
+    body, then stall (until :attr:`release` is set) and drop the connection; ``gets`` records
+    ``(path, Range header)`` of every GET.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        origin = self
+        self.cut: dict[str, int] = {}
+        self.release = threading.Event()
+        self.gets: list[tuple[str, str | None]] = []
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                origin.gets.append((self.path.lstrip("/"), self.headers.get("Range")))
+                super().do_GET()
+
+            def copyfile(self, source, outputfile):
+                rel = self.path.lstrip("/")
+                if origin.cut.get(rel, 0) > 0:
+                    origin.cut[rel] -= 1
+                    data = source.read()
+                    outputfile.write(data[: len(data) // 2])
+                    outputfile.flush()
+                    origin.release.wait(10)  # the reader has the half and gives up on the rest
+                    self.close_connection = True  # less than Content-Length promised
+                    return
+                super().copyfile(source, outputfile)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{path}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def plain_http(tmp_path):
+    import fsspec.asyn
+
+    fsspec.asyn.get_loop()  # fsspec's IO thread lives for the process
+    files = write_model(tmp_path / "www", "model", SIZES)
+    with PlainHTTPOrigin(tmp_path / "www") as origin:
+        yield origin, files
+
+
+@pytest.mark.parametrize("source", ["directory", "file"])
+def test_origin_without_range_support_is_streamed_from_the_start(plain_http, tmp_path, source):
+    """A plain ``http.server`` origin (no ``Range``): each file is one streaming GET from the start."""
+    origin, files = plain_http
+    url = origin.url("model/") if source == "directory" else origin.url("model/w0.bin")
+    result = fetch_source(url, {}, str(tmp_path / "c"), FAST)
+    if source == "directory":  # listed from the HTML index pages, sub/ included
+        assert read_tree(result.path) == digests(files)
+    else:
+        assert result.manifest["is_file"] and Path(result.path).read_bytes() == files["w0.bin"]
+    bodies = [(p, r) for p, r in origin.gets if p.removeprefix("model/") in files]
+    assert all(r is None for _, r in bodies)  # never asked for a range
+    assert sorted(p for p, _ in bodies) == sorted(f"model/{rel}" for rel in result.manifest["files"])  # one GET each
+
+
+def test_resume_at_an_offset_only_where_the_origin_serves_ranges(plain_http, http_origin, tmp_path, caplog):
+    """A read stalled mid-file: an origin that ignores ``Range`` is detected and read again from the start
+    (once per origin: later files are not tried at an offset); one that serves ranges resumes at the offset."""
+    origin, files = plain_http
+    origin.cut = {"model/w0.bin": 1, "model/w1.bin": 1}
+    quick = TransferSettings(chunk_size=CHUNK, retries=2, retry_backoff=0.05, stall_timeout=1.0)
+    with caplog.at_level(logging.INFO, logger="dask_pervasive"):
+        result = fetch_source(origin.url("model/"), {}, str(tmp_path / "plain"), quick)
+    assert read_tree(result.path) == digests(files)
+    assert not any(origin.cut.values())
+    resumes = [p for p, r in origin.gets if r is not None]
+    assert resumes == ["model/w0.bin"]  # tried once, refused (whole file sent): w1.bin not tried
+    assert "cannot resume" in caplog.text
+    # an origin that serves ranges, stalling after half of w0.bin (the half is received): resumed at the
+    # offset reached, so w0.bin is served less than one and a half times (from the start: exactly 1.5x)
+    http_origin.bandwidth = None
+    ranged = write_model(Path(http_origin.directory), "model", SIZES)
+    http_origin.inject("stall-body", path="model/w0.bin", seconds=10)
+    result = fetch_source(http_origin.url("model/"), {}, str(tmp_path / "ranged"), quick)
+    assert read_tree(result.path) == digests(ranged)
+    assert http_origin.bytes_per_path()["model/w0.bin"] <= SIZES[0] * 3 // 2 - CHUNK
 
 
 # -- temporary names never collide with real ones -----------------------------------------------
