@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: File name of the manifest in a copy's directory.
 MANIFEST = ".pervasive-manifest.json"
+#: Where the manifest of a copy that failed verification is kept: no longer a complete copy (not
+#: loaded, not served), still the reference its re-fetch from the origin must match.
+REFERENCE = ".pervasive-reference.json"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -168,10 +171,10 @@ def manifest_digest(manifest: Mapping) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_manifest(dest: str) -> dict | None:
+def read_manifest(dest: str, name: str = MANIFEST) -> dict | None:
     """The manifest of a complete copy in ``dest`` (validated, ``files`` normalized), or ``None``."""
     try:
-        with open(os.path.join(dest, MANIFEST)) as f:
+        with open(os.path.join(dest, name)) as f:
             manifest = json.load(f)
         checked = check_manifest(manifest)
     except (OSError, ValueError, TransferError):
@@ -181,9 +184,17 @@ def read_manifest(dest: str) -> dict | None:
     return {**manifest, "is_file": checked["is_file"], "files": checked["files"]}
 
 
+def read_reference(dest: str) -> dict | None:
+    """What an earlier copy in ``dest`` held: its manifest, else that of a copy that failed
+    verification (:func:`cached_copy` keeps it), else ``None``."""
+    return read_manifest(dest) or read_manifest(dest, REFERENCE)
+
+
 def write_manifest(dest: str, manifest: dict) -> None:
-    """Mark the copy in ``dest`` complete (written last, atomically)."""
+    """Mark the copy in ``dest`` complete (written last, atomically); a kept reference is gone."""
     atomic_write_bytes(os.path.join(dest, MANIFEST), json.dumps(manifest, indent=1).encode())
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(dest, REFERENCE))
 
 
 def local_path(dest: str, manifest: Mapping) -> str:
@@ -232,7 +243,8 @@ def cached_copy(source: str | None, dest: str, settings: TransferSettings) -> Fe
     Complete means: manifest present and every listed file there with the
     right size (and with ``settings.verify``, the right sha256). A copy that
     fails the check loses its manifest, so it is neither loaded nor served
-    to peers until it has been fetched again.
+    to peers until it has been fetched again; the manifest is kept as
+    :data:`REFERENCE` (:func:`read_reference`), which the re-fetch must match.
     """
     start = time.perf_counter()
     manifest = read_manifest(dest)
@@ -245,5 +257,5 @@ def cached_copy(source: str | None, dest: str, settings: TransferSettings) -> Fe
         return FetchResult(local_path(dest, manifest), manifest, 0, time.perf_counter() - start, cached=True)
     logger.warning("Cached copy of %s in %s failed verification; fetching again", source, dest)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(dest, MANIFEST))
+        os.replace(os.path.join(dest, MANIFEST), os.path.join(dest, REFERENCE))
     return None

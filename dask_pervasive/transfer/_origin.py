@@ -31,7 +31,7 @@ from ._manifest import (
     is_count,
     local_path,
     matches,
-    read_manifest,
+    read_reference,
     safe_relpath,
     write_manifest,
 )
@@ -339,10 +339,10 @@ def fetch_source(source: str, storage_options: Mapping | None, dest: str, settin
     removed first.
     """
     start = time.perf_counter()
-    earlier = read_manifest(dest)
     cached = cached_copy(source, dest, settings)
     if cached is not None:
         return cached
+    earlier = read_reference(dest)  # kept by cached_copy (here, or the caller's) when the copy failed it
     os.makedirs(dest, exist_ok=True)
     remove_stale_parts(dest)
 

@@ -19,6 +19,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import dask
 import fsspec
 import pytest
 from distributed.utils_test import gen_cluster
@@ -280,3 +281,30 @@ async def test_disk_full_mid_copy_from_a_peer_blames_the_receiver(c, s, a, b, tm
     assert not (dest / MANIFEST).exists() and not (dest / "w0.bin").exists() and no_leftovers(dest)
     await dp.prewarm(c, "m", workers=[b.address], progress=False)
     assert await c.submit(dp.get_context, "m", workers=[b.address]) == digests(files)
+
+
+# -- a damaged copy keeps its manifest as the reference (peers off, no scheduler plugin) ---------------
+@pytest.mark.parametrize("how", ["peers-off", "no-scheduler-plugin"])
+@gen_cluster(client=True, nthreads=[("", 1)], config=FAST_CONFIG)
+async def test_damaged_copy_keeps_its_manifest_as_the_reference_without_peers(c, s, a, http_origin, how):
+    """Through the worker (fetch_context → cached_copy → fetch_source): intact files are kept, a damaged
+    one is read again and must match the first manifest, so an origin changed since is an error."""
+    http_origin.bandwidth = None
+    files = write_model(Path(http_origin.directory), "model", SIZES)
+    with dask.config.set({"pervasive.transfer.peers": how != "peers-off"}):
+        await dp.install(c, [model_context(http_origin.url("model/"))], scheduler=how != "no-scheduler-plugin")
+        assert await c.submit(dp.get_context, "m") == digests(files)
+        dest = copy_dir(a)
+        # damaged: w1.bin cut short in the cache; intact files are kept on the re-fetch
+        (dest / "w1.bin").write_bytes(files["w1.bin"][:1000])
+        await dp.evict(c, "m")
+        http_origin.reset_counters()
+        assert await c.submit(dp.get_context, "m") == digests(files)
+        assert http_origin.bytes_per_path() == {"model/w1.bin": SIZES[1]}
+        # damaged again, and the origin changed in place since the first copy: an error, not a new version
+        (dest / "w1.bin").write_bytes(files["w1.bin"][:1000])
+        Path(http_origin.directory, "model", "w1.bin").write_bytes(os.urandom(SIZES[1]))
+        await dp.evict(c, "m")
+        with pytest.raises(dp.ContextLoadError, match="does not match the manifest"):
+            await c.submit(dp.get_context, "m")
+        assert not (dest / MANIFEST).exists() and no_leftovers(dest)
