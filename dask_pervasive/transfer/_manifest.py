@@ -6,7 +6,9 @@ wire (``pervasive_manifest``)::
 
     {"source": "<origin url>",              # on disk only
      "is_file": false,                      # a single-file context: load() gets the file
-     "files": {"<relpath>": {"size": <bytes>, "sha256": "<64 hex digits>"}}}
+     "files": {"<relpath>": {"size": <bytes>, "sha256": "<64 hex digits>"}},
+     "origin": {"<relpath>": {"size": ..., "mtime" | "ETag" | ...: ...}}}  # what the origin said
+                                            # identifies each version (optional; to tell it changed)
 
 A worker still copying serves a *partial* manifest: ``"partial": true``,
 ``"files"`` its verified files so far, ``"expected"`` every file name once

@@ -108,6 +108,8 @@ class SourceListing:
     is_file: bool
     #: relative path → size the origin lists (``None`` where it does not say, e.g. http listings)
     sizes: dict[str, int | None] = field(default_factory=dict)
+    #: relative path → what the origin says identifies the file's version (size, mtime, ETag, ...)
+    stamps: dict[str, dict] = field(default_factory=dict)
     #: whether the origin serves byte ranges (resumes at an offset): ``None`` until a resume tells
     #: (or an http ``Accept-Ranges: none`` says no)
     ranges: bool | None = None
@@ -116,6 +118,36 @@ class SourceListing:
 def _size(info: Any) -> int | None:
     size = info.get("size") if isinstance(info, Mapping) else None
     return size if is_count(size) else None
+
+
+#: Fields of fsspec ``info()`` that change when a file is replaced (local, http, s3, gcs, azure, ...).
+_VERSION_FIELDS = (
+    "mtime",
+    "ETag",
+    "etag",
+    "LastModified",
+    "Last-Modified",
+    "last_modified",
+    "updated",
+    "md5Hash",
+    "generation",
+    "VersionId",
+    "version_id",
+)
+
+
+def _stamp(info: Any) -> dict:
+    """What ``info`` says about the version of a file: its size and change markers (JSON-safe)."""
+    if not isinstance(info, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    if (size := _size(info)) is not None:
+        out["size"] = size
+    for key in _VERSION_FIELDS:
+        value = info.get(key)
+        if value is not None:
+            out[key] = value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else str(value)
+    return out
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -145,6 +177,7 @@ def _list(fs: fsspec.AbstractFileSystem, root: str, source: str, call: Callable)
         base = root.rstrip("/")
         files: dict[str, str] = {}
         sizes: dict[str, int | None] = {}
+        stamps: dict[str, dict] = {}
         for p in sorted(found):
             rel = p[len(base) :].lstrip("/") if p.startswith(base) else posixpath.basename(p)
             if web:
@@ -152,11 +185,12 @@ def _list(fs: fsspec.AbstractFileSystem, root: str, source: str, call: Callable)
             rel = safe_relpath(rel)
             files[rel] = p
             sizes[rel] = _size(found[p])
+            stamps[rel] = _stamp(found[p])
         if not files:
             raise FileNotFoundError(f"source {source!r} is an empty directory")
-        return SourceListing(fs, root, files, False, sizes)
+        return SourceListing(fs, root, files, False, sizes, stamps)
     name = safe_relpath(posixpath.basename(root.rstrip("/")).split("?")[0] or "data")
-    return SourceListing(fs, root, {name: root}, True, {name: _size(info)})
+    return SourceListing(fs, root, {name: root}, True, {name: _size(info)}, {name: _stamp(info)})
 
 
 # -- copying --------------------------------------------------------------------------------------
@@ -225,17 +259,34 @@ class OriginCopy:
             partial.discard()  # no-op after a commit
         return got
 
-    def _size(self, guard: StallGuard, rel: str) -> int | None:
+    def _size(self, guard: Callable, rel: str) -> int | None:
         """The size of ``rel`` the origin states; over http, asked once (``HEAD``) where the listing
-        does not say, which also tells whether the server refuses ranges (``Accept-Ranges: none``)."""
+        does not say, which also tells the file's version (``ETag``, ``Last-Modified``) and whether
+        the server refuses ranges (``Accept-Ranges: none``)."""
         listing = self.listing
         size = listing.sizes.get(rel)
         if size is None and is_web(listing.fs):
             info = guard(listing.fs.info, listing.files[rel])
             size = listing.sizes[rel] = _size(info)
+            listing.stamps[rel] = _stamp(info)
             if info.get("partial") is False:
                 listing.ranges = False
         return size
+
+    def stamp(self, rel: str) -> dict:
+        """What the origin says identifies the version of ``rel`` (bounded, retried)."""
+        assert self.listing is not None, "list() first"
+
+        def attempt(_: int) -> dict:
+            with StallGuard(self.policy.stall_timeout, f"asking the origin {self.source} about {rel!r}") as guard:
+                self._size(guard, rel)
+            return dict(self.listing.stamps.get(rel, {}))
+
+        return retrying(attempt, self.policy, f"asking the origin {self.source} about {rel!r}")
+
+    def stamps(self) -> dict[str, dict]:
+        """:meth:`stamp` of every file listed."""
+        return {rel: self.stamp(rel) for rel in self.listing.files}
 
     def _open_at(self, guard: StallGuard, remote: str, partial: PartialFile, size: int | None) -> tuple[Any, Any]:
         """``remote`` opened at ``partial.offset``, and the first chunk when one was read to find out.
@@ -355,7 +406,36 @@ def fetch_source(source: str, storage_options: Mapping | None, dest: str, settin
             "updated on purpose, give the context a new name (or clear the cache directory)"
         )
     entries = {rel: copy.fetch(rel, reference.get(rel)) for rel in listing.files}
-    manifest = {"source": source, "is_file": listing.is_file, "files": entries}
+    manifest = {"source": source, "is_file": listing.is_file, "files": entries, "origin": copy.stamps()}
     write_manifest(dest, manifest)
     seconds = time.perf_counter() - start
     return FetchResult(local_path(dest, manifest), manifest, copy.bytes, seconds, sources={"origin": copy.bytes})
+
+
+def origin_changed(
+    manifest: Mapping, source: str, storage_options: Mapping | None, settings: TransferSettings
+) -> str | None:
+    """How the origin differs from what it was when the copy ``manifest`` describes was made, or ``None``.
+
+    Compared: the files listed, their sizes, and the version markers the
+    origin gives (mtime, ETag, Last-Modified, generation, ...) recorded in
+    the manifest's ``"origin"`` (copies made before it was recorded: sizes
+    only). Reads no file content.
+    """
+    copy = OriginCopy(source, storage_options, "", settings)
+    listing = copy.list()
+    files = manifest["files"]
+    if set(listing.files) != set(files):
+        gone, new = sorted(set(files) - set(listing.files)), sorted(set(listing.files) - set(files))
+        return f"it now lists other files (gone: {gone[:5]}, new: {new[:5]})"
+    recorded = manifest.get("origin") if isinstance(manifest.get("origin"), Mapping) else {}
+    for rel in sorted(files):
+        now = copy.stamp(rel)
+        if "size" in now and now["size"] != files[rel]["size"]:
+            return f"{rel!r} is {now['size']} bytes there, {files[rel]['size']} in the copy"
+        then = recorded.get(rel)
+        if isinstance(then, Mapping):
+            for key, value in now.items():
+                if key != "size" and key in then and then[key] != value:
+                    return f"the {key} of {rel!r} was {then[key]!r} when the copy was made, now {value!r}"
+    return None

@@ -9,6 +9,7 @@ that were verified, and a changed origin is an error, never two versions.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import errno
 import functools
@@ -22,7 +23,8 @@ from pathlib import Path
 import dask
 import fsspec
 import pytest
-from distributed.utils_test import gen_cluster
+from distributed import Client, Scheduler, Worker
+from distributed.utils_test import gen_cluster, gen_test
 from transfer_helpers import coordinator, copy_dir, digests, load_digests, write_model
 
 import dask_pervasive as dp
@@ -308,3 +310,54 @@ async def test_damaged_copy_keeps_its_manifest_as_the_reference_without_peers(c,
         with pytest.raises(dp.ContextLoadError, match="does not match the manifest"):
             await c.submit(dp.get_context, "m")
         assert not (dest / MANIFEST).exists() and no_leftovers(dest)
+
+
+# -- a persistent cache and an origin updated in place ----------------------------------------------
+async def _load_on(c, worker, name: str = "m"):
+    return await c.submit(dp.get_context, name, workers=[worker.address], pure=False)
+
+
+@pytest.mark.parametrize("mode", ["peers-off", "no-reference", "reference"])
+@gen_test(timeout=120)
+async def test_cached_copy_of_an_origin_updated_in_place_is_never_used_silently(http_origin, tmp_path, mode):
+    """A restarted cluster, a worker with a persistent cache of version 1, the origin now at version 2
+    (one file rewritten in place, same size): the cached copy is checked against the cluster's reference
+    (the coordinator's manifest, else the origin's listing) and refused with the documented error, while
+    a fresh worker reads version 2: never two versions silently."""
+    http_origin.bandwidth = None
+    v1 = write_model(Path(http_origin.directory), "model", SIZES)
+    ctx = model_context(http_origin.url("model/"))
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    config = {**FAST_CONFIG, "pervasive.transfer.peers": mode != "peers-off"}
+    with dask.config.set(config):
+        async with (
+            Scheduler(dashboard_address=":0") as s,
+            Client(s.address, asynchronous=True) as c,
+            Worker(s.address, nthreads=1, plugins=[dp.ContextWorkerPlugin([ctx], cache_dir=str(stale))]) as w,
+        ):
+            assert await _load_on(c, w) == digests(v1)
+        # updated in place at the origin: same names and sizes, other bytes, a later modification time
+        v2 = dict(v1, **{"w1.bin": os.urandom(SIZES[1])})
+        target = Path(http_origin.directory, "model", "w1.bin")
+        target.write_bytes(v2["w1.bin"])
+        later = target.stat().st_mtime + 10
+        os.utime(target, (later, later))
+        async with Scheduler(dashboard_address=":0") as s, Client(s.address, asynchronous=True) as c:
+            if mode != "peers-off":
+                await c.register_plugin(dp.ContextSchedulerPlugin())
+            async with Worker(
+                s.address, nthreads=1, plugins=[dp.ContextWorkerPlugin([ctx], cache_dir=str(fresh))]
+            ) as y:
+                if mode == "reference":  # a fresh worker first: its copy of v2 is the cluster's reference
+                    assert await _load_on(c, y) == digests(v2)
+                    match = "differs from the copies other workers hold"
+                else:
+                    match = "changed since the cached copy"
+                async with Worker(
+                    s.address, nthreads=1, plugins=[dp.ContextWorkerPlugin([ctx], cache_dir=str(stale))]
+                ) as x:
+                    with pytest.raises(dp.ContextLoadError, match=match):
+                        await _load_on(c, x)
+                if mode != "reference":
+                    assert await _load_on(c, y) == digests(v2)
+
