@@ -361,3 +361,36 @@ async def test_cached_copy_of_an_origin_updated_in_place_is_never_used_silently(
                 if mode != "reference":
                     assert await _load_on(c, y) == digests(v2)
 
+
+# -- two clients registering one name at once ---------------------------------------------------------
+def version(tag: str, path, device) -> str:
+    return tag
+
+
+@pytest.mark.parametrize("scheduler_plugin", [True, False])
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_concurrent_registrations_of_one_name_have_exactly_one_winner(c, s, a, scheduler_plugin):
+    """Two clients register context "m" at once with different definitions: exactly one wins cluster-wide;
+    the loser gets ContextDefinitionError and leaves no trace (scheduler metadata and the declaration
+    plugin are the winner's), so a worker joining later loads the winner."""
+    await dp.install(c, scheduler=scheduler_plugin)
+    async with Client(s.address, asynchronous=True) as c2:
+        first = dp.Context("m", load=functools.partial(version, "first"))
+        second = dp.Context("m", load=functools.partial(version, "second"))
+        outcomes = await asyncio.gather(dp.register(c, first), dp.register(c2, second), return_exceptions=True)
+        won = [ctx for ctx, out in zip((first, second), outcomes) if out is True]
+        lost = [out for out in outcomes if isinstance(out, dp.ContextDefinitionError)]
+        assert len(won) == 1 and len(lost) == 1, outcomes
+        (winner,) = won
+        assert s.get_metadata(keys=["pervasive", "contexts", "m"]) == winner.token
+        assert winner.describe() in s.get_metadata(keys=["pervasive", "definitions", "m"])
+        declarations = [p for name, p in s.worker_plugins.items() if name.endswith("-m")]
+        assert len(declarations) == 1
+        tag = winner.load.args[0]
+        assert await c.submit(dp.get_context, "m", workers=[a.address]) == tag
+        async with Worker(s.address, nthreads=1) as late:
+            assert await c2.submit(dp.get_context, "m", workers=[late.address]) == tag
+        # and the loser cannot slip in later either
+        loser = second if winner is first else first
+        with pytest.raises(dp.ContextDefinitionError):
+            await dp.register(c2, loser)
