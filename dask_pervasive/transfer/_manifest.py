@@ -9,6 +9,7 @@ wire (``pervasive_manifest``)::
      "files": {"<relpath>": {"size": <bytes>, "sha256": "<64 hex digits>"}},
      "origin": {"<relpath>": {"size": ..., "mtime" | "ETag" | ...: ...}}}  # what the origin said
                                             # identifies each version (optional; to tell it changed)
+     "blocks": {"<relpath>": ["<sha256 of each BLOCK_SIZE block>", ...]}}  # optional; ranged reads
 
 A worker still copying serves a *partial* manifest: ``"partial": true``,
 ``"files"`` its verified files so far, ``"expected"`` every file name once
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TransferError
-from ._parts import RESERVED, atomic_write_bytes
+from ._parts import BLOCK_SIZE, RESERVED, atomic_write_bytes
 
 if TYPE_CHECKING:
     from .._settings import TransferSettings
@@ -128,8 +129,10 @@ def resolve_file(dest: str, manifest: Mapping, path: Any) -> tuple[str, dict]:
 def check_manifest(manifest: Any) -> dict:
     """A manifest (from disk or a peer), validated: paths safe, sizes and hashes well-formed.
 
-    Returns ``{"is_file", "files", "partial", "expected", "received"}``
-    with ``files`` reduced to ``{relpath: {"size", "sha256"}}``.
+    Returns ``{"is_file", "files", "partial", "expected", "received", "blocks"}``
+    with ``files`` reduced to ``{relpath: {"size", "sha256"}}`` and ``blocks``
+    to the well-formed block lists of listed files (``{relpath: [sha256, ...]}``,
+    one per :data:`~._parts.BLOCK_SIZE` block).
 
     Raises
     ------
@@ -158,13 +161,46 @@ def check_manifest(manifest: Any) -> dict:
         raise Corrupt("malformed manifest: is_file is not a bool")
     if not partial and is_file and len(files) != 1:
         raise Corrupt("malformed manifest: a single-file context with several files")
+    blocks = {}
+    raw_blocks = manifest.get("blocks")
+    if raw_blocks is not None and not isinstance(raw_blocks, Mapping):
+        raise Corrupt("malformed manifest: blocks is not a mapping")
+    for rel, digests in (raw_blocks or {}).items():
+        if rel not in files:
+            raise Corrupt(f"block digests of {rel!r}, which the manifest does not list")
+        n = -(-files[rel]["size"] // BLOCK_SIZE)
+        if not isinstance(digests, (list, tuple)) or len(digests) != n or not all(map(_is_sha256, digests)):
+            raise Corrupt(f"malformed block digests of {rel!r}")
+        blocks[rel] = list(digests)
     return {
         "is_file": None if partial and is_file is None else bool(is_file),
         "files": files,
         "partial": partial,
         "expected": list(expected) if expected is not None else None,
         "received": received if is_count(received) else 0,
+        "blocks": blocks,
     }
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and _HEX.issuperset(value)
+
+
+def all_blocks(dest: str, files: Mapping, known: Mapping[str, list]) -> dict[str, list]:
+    """Block digests of every file of ``files`` in the copy ``dest``: ``known`` (computed while the
+    bytes were received and verified), the others hashed from disk (files kept from an earlier copy)."""
+    return {
+        rel: list(known[rel]) if rel in known else file_blocks(os.path.join(dest, *rel.split("/"))) for rel in files
+    }
+
+
+def file_blocks(path: str) -> list[str]:
+    """sha256 of each :data:`~._parts.BLOCK_SIZE` block of the file ``path``."""
+    out = []
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK_SIZE):
+            out.append(hashlib.sha256(block).hexdigest())
+    return out
 
 
 def manifest_digest(manifest: Mapping) -> str:
@@ -183,7 +219,7 @@ def read_manifest(dest: str, name: str = MANIFEST) -> dict | None:
         return None
     if checked["partial"]:
         return None
-    return {**manifest, "is_file": checked["is_file"], "files": checked["files"]}
+    return {**manifest, "is_file": checked["is_file"], "files": checked["files"], "blocks": checked["blocks"]}
 
 
 def read_reference(dest: str) -> dict | None:

@@ -27,6 +27,7 @@ from fsspec.core import url_to_fs
 from ..errors import TransferError
 from ._manifest import (
     FetchResult,
+    all_blocks,
     cached_copy,
     is_count,
     local_path,
@@ -230,6 +231,8 @@ class OriginCopy:
         self.on_bytes = on_bytes
         self.bytes = 0  #: bytes read from the origin so far
         self.listing: SourceListing | None = None
+        #: relative path → block digests of the files this copy wrote (computed as they arrived)
+        self.blocks: dict[str, list[str]] = {}
 
     def list(self) -> SourceListing:
         """List the origin (bounded, retried)."""
@@ -255,6 +258,7 @@ class OriginCopy:
         try:
             got = self._read(rel, partial, expected, f"reading {rel!r}{of} from the origin {self.source}")
             partial.commit(None)
+            self.blocks[rel] = partial.block_digests()
         finally:
             partial.discard()  # no-op after a commit
         return got
@@ -406,7 +410,13 @@ def fetch_source(source: str, storage_options: Mapping | None, dest: str, settin
             "updated on purpose, give the context a new name (or clear the cache directory)"
         )
     entries = {rel: copy.fetch(rel, reference.get(rel)) for rel in listing.files}
-    manifest = {"source": source, "is_file": listing.is_file, "files": entries, "origin": copy.stamps()}
+    manifest = {
+        "source": source,
+        "is_file": listing.is_file,
+        "files": entries,
+        "origin": copy.stamps(),
+        "blocks": all_blocks(dest, entries, copy.blocks),
+    }
     write_manifest(dest, manifest)
     seconds = time.perf_counter() - start
     return FetchResult(local_path(dest, manifest), manifest, copy.bytes, seconds, sources={"origin": copy.bytes})

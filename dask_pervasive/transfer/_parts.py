@@ -26,6 +26,9 @@ RESERVED = ".pervasive-"
 PART = f"{RESERVED}part-"
 #: The host in part names: a hash, so it has no dots and no separators.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+#: Files are hashed in blocks of this size too (the manifest's ``"blocks"``), so that a ranged read
+#: can be verified without reading the whole file. A constant: every copy computes the same list.
+BLOCK_SIZE = 4 * 2**20
 _KEEP_OF_NAME = 64  # characters of the final name kept in a part name (for people; names stay < 255)
 
 
@@ -98,6 +101,8 @@ class PartialFile:
         self.offset = 0
         self.sources: set[str] = set()
         self._torn: OSError | None = None  #: a failed write that could not be cut back
+        self.blocks: list[str] = []  #: sha256 of each complete BLOCK_SIZE block so far
+        self._block = hashlib.sha256()
 
     def _failed(self, exc: OSError, doing: str) -> LocalWriteError:
         return LocalWriteError(f"{doing} {self.tmp} on this worker failed: {exc} (the receiver's disk, not the source)")
@@ -121,7 +126,24 @@ class PartialFile:
             self._rewind(exc)
             raise self._failed(exc, "writing") from exc
         self.hasher.update(data)
+        self._hash_blocks(data)
         self.offset += len(data)
+
+    def _hash_blocks(self, data: bytes) -> None:
+        at, pos = self.offset, 0
+        while pos < len(data):
+            take = min(len(data) - pos, BLOCK_SIZE - at % BLOCK_SIZE)
+            self._block.update(memoryview(data)[pos : pos + take])
+            pos += take
+            at += take
+            if at % BLOCK_SIZE == 0:
+                self.blocks.append(self._block.hexdigest())
+                self._block = hashlib.sha256()
+
+    def block_digests(self) -> list[str]:
+        """sha256 of each :data:`BLOCK_SIZE` block of the bytes so far (the last one may be short)."""
+        tail = [self._block.hexdigest()] if self.offset % BLOCK_SIZE else []
+        return self.blocks + tail
 
     def _rewind(self, exc: OSError) -> None:
         """Cut the file back to the bytes hashed (a torn write may have left part of a chunk)."""
@@ -137,6 +159,7 @@ class PartialFile:
         self.fh.seek(0)
         self._torn = None
         self.hasher = hashlib.sha256()
+        self.blocks, self._block = [], hashlib.sha256()
         self.offset = 0
         self.sources.clear()
 

@@ -27,6 +27,7 @@ from ._coordinator import ORIGIN, WAIT, coordinator_available
 from ._manifest import (
     Corrupt,
     FetchResult,
+    all_blocks,
     cached_copy,
     check_manifest,
     local_path,
@@ -88,6 +89,7 @@ class Receiver:
         #: what the origin said identifies each file's version when it was read (recorded in the
         #: manifest, so a later use of this copy can tell whether the origin changed)
         self.stamps: dict | None = None
+        self.blocks: dict[str, list[str]] = {}  #: block digests of files this copy wrote
         #: what :meth:`progress` serves; replaced, never mutated (read from server threads)
         self._snapshot: dict = {}
         self._publish()
@@ -183,6 +185,7 @@ class Receiver:
                 else:
                     await self._from_peer(source, reply.get("digest"))
                 manifest = await self._checked_manifest(reply.get("digest"), source)
+                manifest["blocks"] = await asyncio.to_thread(all_blocks, self.dest, manifest["files"], self.blocks)
                 # Complete (and servable) before the coordinator offers this worker as a source.
                 stamps = {"origin": self.stamps} if self.stamps else {}
                 await asyncio.to_thread(
@@ -342,6 +345,7 @@ class Receiver:
         del self.partials[rel]
         if not await asyncio.to_thread(partial.commit, meta["sha256"]):
             raise Corrupt(f"{rel!r} received from {sorted(partial.sources)} does not match its sha256")
+        self.blocks[rel] = partial.block_digests()
         self._file_done(rel)
 
     async def _partial(self, rel: str, meta: dict | None) -> PartialFile | None:
@@ -402,6 +406,7 @@ class Receiver:
                 self.known[rel] = got
                 self._file_done(rel)
         self.stamps = await asyncio.to_thread(copy.stamps)
+        self.blocks.update(copy.blocks)
 
 
 async def fetch_context(
@@ -461,9 +466,9 @@ async def _check_cached(
             )
         return
     try:
-        why = await asyncio.to_thread(
-            origin_changed, cached.manifest, context.source, context.storage_options, settings
-        )
+        # One bounded attempt: a cached copy is what makes a worker independent of a slow or absent origin.
+        once = dataclasses.replace(settings, retries=0)
+        why = await asyncio.to_thread(origin_changed, cached.manifest, context.source, context.storage_options, once)
     except (OSError, ValueError) as exc:  # TransferError included: the origin could not be asked
         why = None
         logger.warning(

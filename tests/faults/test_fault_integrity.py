@@ -28,6 +28,7 @@ from distributed.utils_test import gen_cluster, gen_test
 from transfer_helpers import coordinator, copy_dir, digests, load_digests, write_model
 
 import dask_pervasive as dp
+from dask_pervasive._protocol import SchedulerHandler
 from dask_pervasive._settings import TransferSettings
 from dask_pervasive.transfer import MANIFEST, PART, cached_copy, fetch_source, remove_stale_parts
 
@@ -394,3 +395,58 @@ async def test_concurrent_registrations_of_one_name_have_exactly_one_winner(c, s
         loser = second if winner is first else first
         with pytest.raises(dp.ContextDefinitionError):
             await dp.register(c2, loser)
+
+
+# -- dask-peer:// reads: upload slots, every byte verified -------------------------------------------
+BLOCK = _parts.BLOCK_SIZE
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, config={**FAST_CONFIG, "pervasive.transfer.peer-max-uploads": 1})
+async def test_peer_filesystem_reads_take_upload_slots_and_verify_ranges(c, s, a, b, tmp_path):
+    """A dask-peer:// read waits for a free upload slot of the holder (as a peer copy does); a ranged read
+    is checked against the block digests of the coordinator's reference: a range in an intact block is
+    served, one touching a damaged block raises."""
+    data = os.urandom(2 * BLOCK + BLOCK // 2)
+    (tmp_path / "store" / "model").mkdir(parents=True)
+    (tmp_path / "store" / "model" / "big.bin").write_bytes(data)
+    await dp.install(c, [model_context(f"file://{tmp_path}/store/model/")])
+    await dp.prewarm(c, "m", workers=[a.address], progress=False)
+    transfer = coordinator(s)
+    assert len(transfer.manifests["m"][2]["blocks"]["big.bin"]) == 3
+
+    def read(path, **kw):
+        try:
+            return fsspec.filesystem("dask-peer").cat_file(path, **kw)
+        except dp.TransferError as exc:
+            return f"TransferError: {exc}"
+
+    # the holder's only upload slot is taken (a copy in progress): the read waits for it
+    busy = transfer._lease("m", b.address, a.address)
+    asks = []
+    acquire = s.handlers[SchedulerHandler.ACQUIRE_SOURCE.value]
+
+    async def counting(*args, **kwargs):
+        if kwargs.get("read"):
+            asks.append(kwargs)
+        return await acquire(*args, **kwargs)
+
+    s.handlers[SchedulerHandler.ACQUIRE_SOURCE.value] = counting
+    fut = c.submit(read, "dask-peer://m/big.bin", start=BLOCK + 5, end=BLOCK + 100, workers=[b.address])
+    while len(asks) < 2:  # asked, told to wait, asked again
+        await asyncio.sleep(0.05)
+    assert not fut.done() and not [lease for lease in transfer.leases.values() if lease.read]
+    transfer.release(busy.id)
+    assert await fut == data[BLOCK + 5 : BLOCK + 100]
+    assert transfer.uploads.get(a.address, 0) == 0 and not transfer.leases
+    # a damaged block on the holder: ranges inside other blocks are served, ranges touching it refused
+    target = copy_dir(a) / "big.bin"
+    damaged = bytearray(data)
+    damaged[2 * BLOCK + 7] ^= 0xFF
+    target.write_bytes(bytes(damaged))
+    assert (
+        await c.submit(read, "dask-peer://m/big.bin", start=10, end=BLOCK + 10, workers=[b.address])
+        == (data[10 : BLOCK + 10])
+    )
+    bad = await c.submit(read, "dask-peer://m/big.bin", start=2 * BLOCK, end=2 * BLOCK + 10, workers=[b.address])
+    assert isinstance(bad, str) and "does not match" in bad
+    assert a.address in transfer.suspect["m"]
