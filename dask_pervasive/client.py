@@ -105,28 +105,70 @@ async def _existing_definition(client: Client, name: str) -> str:
     return described
 
 
+def _claim_on_scheduler(dask_scheduler, name: str, token: str, description: str) -> str | None:
+    """Check-and-set of the declaration of ``name`` in the scheduler's metadata.
+
+    Atomic cluster-wide: a plain function run on the scheduler's event loop,
+    it reads and writes without yielding, so of concurrent claims exactly one
+    sets a new name. Returns ``None`` when ``name`` is now declared with
+    ``token`` (claimed, or already so), else the existing definition.
+    """
+    existing = dask_scheduler.get_metadata(keys=[*_METADATA, name], default=None)
+    if existing is None:
+        dask_scheduler.set_metadata(keys=[*_METADATA, name], value=token)
+        dask_scheduler.set_metadata(keys=[*_DEFINITIONS, name], value=description)
+        return None
+    if existing == token:
+        return None
+    return dask_scheduler.get_metadata(keys=[*_DEFINITIONS, name], default=None) or "a definition the cluster holds"
+
+
+def _unclaim_on_scheduler(dask_scheduler, name: str, token: str, declaration: str) -> None:
+    """Undo :func:`_claim_on_scheduler` of a registration that failed (unless its plugin got through)."""
+    if declaration in dask_scheduler.worker_plugins:
+        return
+    if dask_scheduler.get_metadata(keys=[*_METADATA, name], default=None) == token:
+        del dask_scheduler.task_metadata[_METADATA[0]][_METADATA[1]][name]
+        dask_scheduler.task_metadata[_DEFINITIONS[0]][_DEFINITIONS[1]].pop(name, None)
+
+
+def _redefinition(context: Context, existing: str) -> ContextDefinitionError:
+    return ContextDefinitionError(
+        f"A different context named {context.name!r} is already declared on this cluster: "
+        f"{existing}; you are declaring {context.describe()}. Pick another name "
+        "(a declared context cannot be redefined while workers may hold it)",
+        context.name,
+    )
+
+
 async def _register(client: Client, context: Context) -> bool:
     if not isinstance(context, Context):
         raise ContextDefinitionError(
             f"dask_pervasive.register() takes one dask_pervasive.Context, got {type(context).__name__}: {context!r}"
         )
     (context,) = _check_contexts([context])
-    known = await _declared(client)
-    if context.name in known:
-        if known[context.name] != context.token:
-            existing = await _existing_definition(client, context.name)
-            raise ContextDefinitionError(
-                f"A different context named {context.name!r} is already declared on this cluster: "
-                f"{existing}; you are declaring {context.describe()}. Pick another name "
-                "(a declared context cannot be redefined while workers may hold it)",
-                context.name,
+    known = await _declared(client)  # includes contexts declared in worker plugins, not in the metadata
+    if context.name in known and known[context.name] != context.token:
+        raise _redefinition(context, await _existing_definition(client, context.name))
+    # The name is claimed on the scheduler first, atomically: of two clients registering it at once
+    # with different definitions exactly one wins; the loser has sent nothing (no declaration plugin,
+    # no metadata), so workers joining later load the winner.
+    existing = await client.run_on_scheduler(
+        _claim_on_scheduler, name=context.name, token=context.token, description=context.describe()
+    )
+    if existing is not None:
+        raise _redefinition(context, existing)
+    declaration = ContextDeclaration(context).name
+    if context.name in known and declaration in await client.run_on_scheduler(_worker_plugin_names):
+        return False
+    try:
+        await client.register_plugin(ContextDeclaration(context))
+    except BaseException:
+        if context.name not in known:  # our claim: give the name back
+            await client.run_on_scheduler(
+                _unclaim_on_scheduler, name=context.name, token=context.token, declaration=declaration
             )
-        declaration = ContextDeclaration(context).name
-        if declaration in await client.run_on_scheduler(_worker_plugin_names):
-            return False
-    await client.register_plugin(ContextDeclaration(context))
-    await client.set_metadata([*_METADATA, context.name], context.token)
-    await client.set_metadata([*_DEFINITIONS, context.name], context.describe())
+        raise
     return True
 
 

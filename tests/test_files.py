@@ -162,10 +162,10 @@ def test_zip_archive_source(tmp_path, inner):
 
 
 def test_stale_parts_removed(tmp_path):
-    old = tmp_path / f"w.bin{PART}abc"
+    old = tmp_path / f"{PART}abc.w.bin"
     old.write_bytes(b"x")
     os.utime(old, (0, 0))
-    fresh = tmp_path / f"v.bin{PART}def"
+    fresh = tmp_path / f"{PART}def.v.bin"
     fresh.write_bytes(b"x")
     assert remove_stale_parts(str(tmp_path)) == 1
     assert not old.exists() and fresh.exists()

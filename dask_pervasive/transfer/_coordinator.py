@@ -58,6 +58,8 @@ class Lease:
     context: str
     receiver: str
     source: str  #: a worker address or :data:`ORIGIN`
+    #: a ``dask-peer://`` read of ``receiver`` (not a copy: it takes an upload slot, nothing else)
+    read: bool = False
 
 
 class SourceCoordinator:
@@ -162,7 +164,11 @@ class SourceCoordinator:
     def _copying(self, context: str, worker: str, exclude: set[str]) -> dict[str, int]:
         """Workers still copying ``context`` that ``worker`` may copy from (they serve what they
         have), with their depth in the copy tree."""
-        source_of = {lease.receiver: lease.source for lease in self.leases.values() if lease.context == context}
+        source_of = {
+            lease.receiver: lease.source
+            for lease in self.leases.values()
+            if lease.context == context and not lease.read
+        }
         now = time.monotonic()
         out = {}
         for r in source_of:
@@ -197,13 +203,15 @@ class SourceCoordinator:
             # contexts of one big file (a follower waits for each whole file upstream).
             top = min(depth[c] for c in free)
             return self._least_loaded([c for c in free if depth[c] == top], self.uploads)
-        others = any(lease.context == context and lease.receiver != worker for lease in self.leases.values())
+        others = any(
+            lease.context == context and lease.receiver != worker and not lease.read for lease in self.leases.values()
+        )
         if not usable and not others and self.origin_active < self.origin_max:
             return ORIGIN
         return WAIT
 
-    def _lease(self, context: str, worker: str, source: str) -> Lease:
-        lease = Lease(uuid.uuid4().hex, context, worker, source)
+    def _lease(self, context: str, worker: str, source: str, read: bool = False) -> Lease:
+        lease = Lease(uuid.uuid4().hex, context, worker, source, read)
         self.leases[lease.id] = lease
         if source == ORIGIN:
             self.origin_active += 1
@@ -217,6 +225,7 @@ class SourceCoordinator:
                 "receiver": worker,
                 "source": source,
                 "complete": source == ORIGIN or source in self.holders(context),
+                "read": read,
             },
         )
         return lease
@@ -229,6 +238,7 @@ class SourceCoordinator:
         token: str | None = None,
         exclude: Iterable[str] = (),
         wait: float = 0.0,
+        read: bool = False,
     ) -> dict:
         """Handler ``pervasive_acquire_source``.
 
@@ -236,13 +246,22 @@ class SourceCoordinator:
         id | None, "digest": manifest digest | None}`` (plus ``"manifest"``,
         the reference, when the source is the origin and one is known); with
         ``wait``, holds the request up to that many seconds for a source to
-        become free.
+        become free. With ``read`` (a ``dask-peer://`` read), the source is a
+        complete holder with a free upload slot (the worker itself included),
+        ``"wait"`` while all are busy, or ``None`` when nobody holds the
+        context; such leases may be many per worker and are not copies.
         """
         exclude = set(exclude or ())
         deadline = time.monotonic() + float(wait or 0)
+        if read:
+            return await self._acquire_read(context, worker, token, exclude, deadline)
         # A worker copies a context from one source at a time: a lease it still
         # holds for it was lost on the way back (failed release), so free it.
-        for old in [lease for lease in self.leases.values() if (lease.context, lease.receiver) == (context, worker)]:
+        for old in [
+            lease
+            for lease in self.leases.values()
+            if (lease.context, lease.receiver) == (context, worker) and not lease.read
+        ]:
             self.release(old.id)
         while True:
             changed = self._changed
@@ -264,6 +283,28 @@ class SourceCoordinator:
             if left <= 0:
                 return {"source": WAIT, "lease": None, "digest": None}
             # Re-check now and then too: holders also appear through worker events.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(left, 0.25))
+
+    async def _acquire_read(
+        self, context: str, worker: str, token: str | None, exclude: set[str], deadline: float
+    ) -> dict:
+        while True:
+            changed = self._changed
+            if worker not in self.scheduler.workers:
+                return {"source": WAIT, "lease": None, "digest": None}
+            usable = [h for h in self.holders(context) if h not in exclude]
+            if not usable:
+                return {"source": None, "lease": None, "digest": None}
+            free = [h for h in usable if self.uploads.get(h, 0) < self.peer_max]
+            if free:
+                known = self.manifests.get(context)
+                digest = known[1] if known is not None and (token is None or known[0] in (None, token)) else None
+                lease = self._lease(context, worker, self._least_loaded(free, self.uploads), read=True)
+                return {"source": lease.source, "lease": lease.id, "digest": digest}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"source": WAIT, "lease": None, "digest": None}
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(left, 0.25))
 
@@ -291,7 +332,7 @@ class SourceCoordinator:
             self.origin_active = max(0, self.origin_active - 1)
         elif self.uploads.get(entry.source, 0) > 0:
             self.uploads[entry.source] -= 1
-        if ok:
+        if ok and not entry.read:
             self.complete[entry.context].add(entry.receiver)
             if manifest is not None and entry.context not in self.manifests:
                 # Trust on first use: the first complete copy defines the context's files.
@@ -300,7 +341,10 @@ class SourceCoordinator:
                     if checked["partial"]:
                         raise TransferError("partial manifest")
                     reference = {"is_file": checked["is_file"], "files": checked["files"]}
-                    self.manifests[entry.context] = (token, manifest_digest(reference), reference)
+                    digest = manifest_digest(reference)
+                    if checked["blocks"]:  # not in the digest: what ranged readers check against
+                        reference["blocks"] = checked["blocks"]
+                    self.manifests[entry.context] = (token, digest, reference)
                 except (TransferError, KeyError, TypeError, ValueError) as exc:
                     logger.warning(
                         "pervasive: ignoring malformed manifest of %r from %s: %s", entry.context, entry.receiver, exc
@@ -323,7 +367,11 @@ class SourceCoordinator:
             names = set(self.warm) | set(self.complete)
             return {"contexts": {n: self.holders(n) for n in sorted(names) if self.holders(n)}}
         known = self.manifests.get(context)
-        return {"holders": self.holders(context), "digest": known[1] if known else None}
+        return {
+            "holders": self.holders(context),
+            "digest": known[1] if known else None,
+            "blocks": known[2].get("blocks", {}) if known else {},
+        }
 
     def remove_worker(self, worker: str) -> None:
         """Release every slot the worker held, as receiver or as holder."""

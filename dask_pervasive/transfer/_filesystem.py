@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterable
@@ -16,9 +17,9 @@ from fsspec.spec import AbstractBufferedFile
 from .._protocol import PLUGIN_NAME, SchedulerHandler, WorkerHandler
 from .._settings import TransferSettings
 from ..errors import TransferError
-from ._coordinator import coordinator_available
+from ._coordinator import WAIT, coordinator_available
 from ._manifest import Corrupt, check_manifest, manifest_digest
-from ._parts import PartialFile
+from ._parts import BLOCK_SIZE, LocalWriteError, PartialFile
 from ._stream import stream_from_peer
 
 if TYPE_CHECKING:
@@ -57,10 +58,14 @@ class PeerFileSystem(AsyncFileSystem):
     holding a complete copy (asked from the scheduler's
     :class:`SourceCoordinator`, or the ``peers`` given), over Dask's comms,
     in ``pervasive.transfer.chunk-size`` pieces; a failing peer is replaced
-    by the next one at the same offset. Whole-file reads (``cat_file``
-    without range, ``get_file``) are checked against the manifest's sha256;
-    ranged reads (and ``open(...).read(n)``) are not, and reads do not take
-    the coordinator's upload slots (see ``docs/security.md``).
+    by the next one at the same offset. Every byte returned is verified:
+    whole-file reads (``cat_file`` without range, ``get_file``) against the
+    manifest's sha256, ranged reads (and ``open(...).read(n)``) against the
+    sha256 of each :data:`~._parts.BLOCK_SIZE` block they touch (the blocks
+    are read whole; a copy without block digests is read whole). With the
+    scheduler's coordinator, each read takes one of the holder's upload slots
+    (``pervasive.transfer.peer-max-uploads``), like a peer copy, and the block
+    digests are the coordinator's reference (see ``docs/security.md``).
 
     Parameters
     ----------
@@ -115,6 +120,8 @@ class PeerFileSystem(AsyncFileSystem):
         self.chunk_size = settings.chunk_size
         self.timeout = timeout if timeout is not None else settings.stall_timeout
         self._contexts: dict[str, tuple[dict, list[str]]] = {}
+        self._blocks: dict[str, dict[str, list[str]]] = {}  #: context -> block digests to check against
+        self._coordinated: bool | None = None
 
     # -- helpers ----------------------------------------------------------------------
     def _split(self, path: str) -> tuple[str, str]:
@@ -133,22 +140,23 @@ class PeerFileSystem(AsyncFileSystem):
     async def _ask_holders(self, context: str | None = None) -> dict:
         return await getattr(self.worker.scheduler, SchedulerHandler.HOLDERS.value)(context=context)
 
-    async def _holders(self, context: str) -> tuple[list[str], str | None]:
+    async def _holders(self, context: str) -> tuple[list[str], str | None, dict]:
         if self.peers is not None:
-            return list(self.peers), None
+            return list(self.peers), None, {}
         if not await coordinator_available(self.worker):
             raise TransferError(
                 "dask-peer:// needs dask_pervasive.ContextSchedulerPlugin on the scheduler to find workers "
                 "holding a context (dask_pervasive.install(client, ...)), or pass peers=[addresses]"
             )
+        self._coordinated = True
         reply = await self._ask_holders(context)
-        return list(reply["holders"]), reply["digest"]
+        return list(reply["holders"]), reply["digest"], dict(reply.get("blocks") or {})
 
     async def _context(self, context: str) -> tuple[dict, list[str]]:
         """Manifest of ``context`` and the peers to read it from (first: the one that sent it)."""
         if context in self._contexts:
             return self._contexts[context]
-        holders, digest = await self._holders(context)
+        holders, digest, reference_blocks = await self._holders(context)
         if not holders:
             raise FileNotFoundError(f"dask-peer://{context}: no worker holds a complete copy of context {context!r}")
         errors = []
@@ -169,6 +177,8 @@ class PeerFileSystem(AsyncFileSystem):
                 errors.append(f"{peer}: {exc}")
                 continue
             found = self._contexts[context] = (manifest, holders[i:] + holders[:i])
+            # the reference's block digests where the coordinator has them, else the holder's own
+            self._blocks[context] = reference_blocks if digest is not None else manifest["blocks"]
             return found
         raise FileNotFoundError(f"dask-peer://{context}: no holder could serve it ({'; '.join(errors)})")
 
@@ -224,21 +234,56 @@ class PeerFileSystem(AsyncFileSystem):
                 out = [children[k] for k in sorted(children)]
         return out if detail else [o["name"] for o in out]
 
-    async def _read_verified(self, path: str, start: int, end: int, sink: Any, verb: str) -> Any:
-        """Stream ``[start, end)`` of ``path`` into a fresh ``sink()`` and commit it.
+    async def _source(self, context: str, peers: list[str], exclude: set[str]) -> tuple[str | None, str | None]:
+        """The next peer to read from and its lease: with the coordinator, a holder with a free upload
+        slot (waiting while all are busy); else the next of ``peers``. ``(None, None)``: none left."""
+        if not self._coordinated:
+            left = [p for p in peers if p not in exclude]
+            return (left[0], None) if left else (None, None)
+        acquire = getattr(self.worker.scheduler, SchedulerHandler.ACQUIRE_SOURCE.value)
+        while True:
+            reply = await acquire(
+                context=context,
+                worker=self.worker.address,
+                token=self._token(context),
+                exclude=sorted(exclude),
+                wait=1.0,
+                read=True,
+            )
+            if not isinstance(reply, dict):
+                return None, None
+            if reply["source"] != WAIT:
+                return reply["source"], reply["lease"]
 
-        A failing peer is replaced by the next at the offset reached; a whole
-        file that does not match the manifest's sha256 is read again into a
-        new sink, the next peer first (ranged reads are not verified).
+    async def _release(self, lease: str | None, failed: bool = False, bad: bool = False) -> None:
+        if lease is not None:
+            release = getattr(self.worker.scheduler, SchedulerHandler.RELEASE_SOURCE.value)
+            with contextlib.suppress(Exception):
+                await release(lease=lease, ok=False, bad=bad, failed=failed)
+
+    async def _read_verified(self, path: str, start: int, end: int, sink: Any, verb: str, expect: dict) -> Any:
+        """Stream ``[start, end)`` of ``path`` into a fresh ``sink()`` and commit it if it checks out.
+
+        ``expect``: ``{"sha256": ...}`` (the whole file) or ``{"blocks": [...], "first": i}``
+        (block-aligned range starting at block ``i``). A failing peer is replaced by the next at the
+        offset reached; data that does not check out is read again into a new sink from other peers
+        (one that alone sent it is reported to the coordinator as bad).
         """
-        context, rel, meta, peers = await self._meta(path)
-        sha256 = meta["sha256"] if (start, end) == (0, meta["size"]) else None
+        context, rel, _, peers = await self._meta(path)
         errors: list[str] = []
-        for i in range(len(peers)):
-            order = peers[i:] + peers[:i]
+        exclude: set[str] = set()
+        for _ in range(len(peers) + 1):
             into = await sink()
+            used: list[str] = []
+            leases: list[str | None] = []
+            ok = False
             try:
-                for peer in order:
+                while into.offset < end - start:
+                    peer, lease = await self._source(context, peers, exclude)
+                    if peer is None:
+                        break
+                    used.append(peer)
+                    leases.append(lease)
                     try:
                         await stream_from_peer(
                             self.worker,
@@ -252,30 +297,50 @@ class PeerFileSystem(AsyncFileSystem):
                             chunk_size=self.chunk_size,
                             timeout=self.timeout,
                         )
-                        break
+                    except LocalWriteError:
+                        raise  # the caller's disk, not the peer
                     except Exception as exc:  # noqa: BLE001 - resume from the next peer
                         errors.append(f"{peer}: {type(exc).__name__}: {exc}")
-                else:
+                        exclude.add(peer)
+                        await self._release(leases.pop(), failed=True)
+                if into.offset < end - start:
                     break  # every peer failed
-                if await into.commit(sha256):
+                ok = await into.commit(expect)
+                if ok:
                     return into
-                errors.append(f"{order[0]}: data does not match the manifest's sha256")
+                errors.append(f"{used}: data does not match the manifest's sha256")
+                exclude.update(used)
             finally:
+                alone = len(set(used)) == 1
+                for lease in leases:
+                    await self._release(lease, bad=not ok and alone and into.offset >= end - start)
                 await into.discard()  # no-op after a commit
         raise TransferError(f"could not {verb} dask-peer://{context}/{rel}: {'; '.join(errors)}")
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        _, _, meta, _ = await self._meta(path)
+        context, rel, meta, _ = await self._meta(path)
         size = meta["size"]
         start = 0 if start is None else (max(0, size + start) if start < 0 else min(start, size))
         end = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
         if end <= start:
             return b""
+        blocks = self._blocks.get(context, {}).get(rel)
+        if (start, end) != (0, size) and blocks:
+            # the blocks the range touches, read whole and checked one by one
+            first, lo, hi = (
+                start // BLOCK_SIZE,
+                start // BLOCK_SIZE * BLOCK_SIZE,
+                min(size, -(-end // BLOCK_SIZE) * BLOCK_SIZE),
+            )
+            expect: dict = {"blocks": blocks, "first": first}
+        else:  # the whole file (also for a range of a copy without block digests), checked by its sha256
+            lo, hi, expect = 0, size, {"sha256": meta["sha256"]}
 
         async def sink() -> _Memory:
             return _Memory()
 
-        return bytes((await self._read_verified(path, start, end, sink, "read")).data)
+        data = (await self._read_verified(path, lo, hi, sink, "read", expect)).data
+        return bytes(data[start - lo : end - lo])
 
     async def _get_file(self, rpath: str, lpath: str, callback=DEFAULT_CALLBACK, **kwargs: Any) -> None:
         if (await self._info(rpath))["type"] == "directory":
@@ -288,7 +353,7 @@ class PeerFileSystem(AsyncFileSystem):
             # temporary name next to lpath, renamed once the sha256 matches
             return _LocalFile(await asyncio.to_thread(PartialFile, os.fspath(lpath)), callback)
 
-        await self._read_verified(rpath, 0, meta["size"], sink, "copy")
+        await self._read_verified(rpath, 0, meta["size"], sink, "copy", {"sha256": meta["sha256"]})
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, **kwargs: Any) -> PeerFile:
         if mode != "rb":
@@ -309,8 +374,16 @@ class _Memory:
     async def absorb(self, data: bytes) -> None:
         self.data.extend(data)
 
-    async def commit(self, sha256: str | None) -> bool:
-        return sha256 is None or hashlib.sha256(self.data).hexdigest() == sha256
+    async def commit(self, expect: dict) -> bool:
+        if "sha256" in expect:
+            return hashlib.sha256(self.data).hexdigest() == expect["sha256"]
+        blocks, first = expect["blocks"], expect["first"]
+        view = memoryview(self.data)
+        for i in range(0, len(view), BLOCK_SIZE):
+            n = first + i // BLOCK_SIZE
+            if n >= len(blocks) or hashlib.sha256(view[i : i + BLOCK_SIZE]).hexdigest() != blocks[n]:
+                return False
+        return True
 
     async def discard(self) -> None:
         pass
@@ -331,8 +404,8 @@ class _LocalFile:
         await asyncio.to_thread(self.partial.absorb, data)
         self.callback.relative_update(len(data))
 
-    async def commit(self, sha256: str | None) -> bool:
-        return await asyncio.to_thread(self.partial.commit, sha256)
+    async def commit(self, expect: dict) -> bool:
+        return await asyncio.to_thread(self.partial.commit, expect["sha256"])
 
     async def discard(self) -> None:
         await asyncio.to_thread(self.partial.discard)

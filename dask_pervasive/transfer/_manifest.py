@@ -6,7 +6,10 @@ wire (``pervasive_manifest``)::
 
     {"source": "<origin url>",              # on disk only
      "is_file": false,                      # a single-file context: load() gets the file
-     "files": {"<relpath>": {"size": <bytes>, "sha256": "<64 hex digits>"}}}
+     "files": {"<relpath>": {"size": <bytes>, "sha256": "<64 hex digits>"}},
+     "origin": {"<relpath>": {"size": ..., "mtime" | "ETag" | ...: ...}}}  # what the origin said
+                                            # identifies each version (optional; to tell it changed)
+     "blocks": {"<relpath>": ["<sha256 of each BLOCK_SIZE block>", ...]}}  # optional; ranged reads
 
 A worker still copying serves a *partial* manifest: ``"partial": true``,
 ``"files"`` its verified files so far, ``"expected"`` every file name once
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TransferError
-from ._parts import atomic_write_bytes
+from ._parts import BLOCK_SIZE, RESERVED, atomic_write_bytes
 
 if TYPE_CHECKING:
     from .._settings import TransferSettings
@@ -39,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 #: File name of the manifest in a copy's directory.
 MANIFEST = ".pervasive-manifest.json"
+#: Where the manifest of a copy that failed verification is kept: no longer a complete copy (not
+#: loaded, not served), still the reference its re-fetch from the origin must match.
+REFERENCE = ".pervasive-reference.json"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -67,20 +73,33 @@ def path_problem(rel: Any) -> str | None:
     return None
 
 
+def reserved(rel: str) -> bool:
+    """Whether a segment of ``rel`` uses the prefix reserved for the manifest and temporary files."""
+    return any(p.startswith(RESERVED) for p in rel.split("/"))
+
+
 def safe_name(rel: Any) -> bool:
-    """Whether a manifest may list ``rel``: a plain relative path, not the manifest's own name."""
-    return path_problem(rel) is None and not rel.startswith(MANIFEST)
+    """Whether a manifest may list ``rel``: a plain relative path, no segment with the reserved prefix
+    (the manifest's own name, temporary files)."""
+    return path_problem(rel) is None and not reserved(rel)
 
 
 def safe_relpath(rel: str) -> str:
     """``rel`` (a name an origin lists) normalized to a plain relative path that stays inside its root.
 
     ``\\`` counts as a separator, leading ``/`` are dropped; ``..`` that
-    would climb out of the root, NUL bytes and empty paths raise ``ValueError``.
+    would climb out of the root, NUL bytes and empty paths raise ``ValueError``,
+    and so do names with the prefix reserved for dask_pervasive's own files
+    (``.pervasive-``: the manifest, temporary files), which would collide with them.
     """
     if isinstance(rel, str) and "\x00" not in rel:
         normal = posixpath.normpath(rel.replace("\\", "/")).lstrip("/")
         if path_problem(normal) is None:
+            if reserved(normal):
+                raise ValueError(
+                    f"refusing {rel!r}: names starting with {RESERVED!r} are reserved for dask_pervasive's "
+                    "manifest and temporary files"
+                )
             return normal
     raise ValueError(f"refusing unsafe relative path {rel!r}")
 
@@ -110,8 +129,10 @@ def resolve_file(dest: str, manifest: Mapping, path: Any) -> tuple[str, dict]:
 def check_manifest(manifest: Any) -> dict:
     """A manifest (from disk or a peer), validated: paths safe, sizes and hashes well-formed.
 
-    Returns ``{"is_file", "files", "partial", "expected", "received"}``
-    with ``files`` reduced to ``{relpath: {"size", "sha256"}}``.
+    Returns ``{"is_file", "files", "partial", "expected", "received", "blocks"}``
+    with ``files`` reduced to ``{relpath: {"size", "sha256"}}`` and ``blocks``
+    to the well-formed block lists of listed files (``{relpath: [sha256, ...]}``,
+    one per :data:`~._parts.BLOCK_SIZE` block).
 
     Raises
     ------
@@ -140,13 +161,46 @@ def check_manifest(manifest: Any) -> dict:
         raise Corrupt("malformed manifest: is_file is not a bool")
     if not partial and is_file and len(files) != 1:
         raise Corrupt("malformed manifest: a single-file context with several files")
+    blocks = {}
+    raw_blocks = manifest.get("blocks")
+    if raw_blocks is not None and not isinstance(raw_blocks, Mapping):
+        raise Corrupt("malformed manifest: blocks is not a mapping")
+    for rel, digests in (raw_blocks or {}).items():
+        if rel not in files:
+            raise Corrupt(f"block digests of {rel!r}, which the manifest does not list")
+        n = -(-files[rel]["size"] // BLOCK_SIZE)
+        if not isinstance(digests, (list, tuple)) or len(digests) != n or not all(map(_is_sha256, digests)):
+            raise Corrupt(f"malformed block digests of {rel!r}")
+        blocks[rel] = list(digests)
     return {
         "is_file": None if partial and is_file is None else bool(is_file),
         "files": files,
         "partial": partial,
         "expected": list(expected) if expected is not None else None,
         "received": received if is_count(received) else 0,
+        "blocks": blocks,
     }
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and _HEX.issuperset(value)
+
+
+def all_blocks(dest: str, files: Mapping, known: Mapping[str, list]) -> dict[str, list]:
+    """Block digests of every file of ``files`` in the copy ``dest``: ``known`` (computed while the
+    bytes were received and verified), the others hashed from disk (files kept from an earlier copy)."""
+    return {
+        rel: list(known[rel]) if rel in known else file_blocks(os.path.join(dest, *rel.split("/"))) for rel in files
+    }
+
+
+def file_blocks(path: str) -> list[str]:
+    """sha256 of each :data:`~._parts.BLOCK_SIZE` block of the file ``path``."""
+    out = []
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK_SIZE):
+            out.append(hashlib.sha256(block).hexdigest())
+    return out
 
 
 def manifest_digest(manifest: Mapping) -> str:
@@ -155,22 +209,30 @@ def manifest_digest(manifest: Mapping) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_manifest(dest: str) -> dict | None:
+def read_manifest(dest: str, name: str = MANIFEST) -> dict | None:
     """The manifest of a complete copy in ``dest`` (validated, ``files`` normalized), or ``None``."""
     try:
-        with open(os.path.join(dest, MANIFEST)) as f:
+        with open(os.path.join(dest, name)) as f:
             manifest = json.load(f)
         checked = check_manifest(manifest)
     except (OSError, ValueError, TransferError):
         return None
     if checked["partial"]:
         return None
-    return {**manifest, "is_file": checked["is_file"], "files": checked["files"]}
+    return {**manifest, "is_file": checked["is_file"], "files": checked["files"], "blocks": checked["blocks"]}
+
+
+def read_reference(dest: str) -> dict | None:
+    """What an earlier copy in ``dest`` held: its manifest, else that of a copy that failed
+    verification (:func:`cached_copy` keeps it), else ``None``."""
+    return read_manifest(dest) or read_manifest(dest, REFERENCE)
 
 
 def write_manifest(dest: str, manifest: dict) -> None:
-    """Mark the copy in ``dest`` complete (written last, atomically)."""
+    """Mark the copy in ``dest`` complete (written last, atomically); a kept reference is gone."""
     atomic_write_bytes(os.path.join(dest, MANIFEST), json.dumps(manifest, indent=1).encode())
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(dest, REFERENCE))
 
 
 def local_path(dest: str, manifest: Mapping) -> str:
@@ -219,7 +281,8 @@ def cached_copy(source: str | None, dest: str, settings: TransferSettings) -> Fe
     Complete means: manifest present and every listed file there with the
     right size (and with ``settings.verify``, the right sha256). A copy that
     fails the check loses its manifest, so it is neither loaded nor served
-    to peers until it has been fetched again.
+    to peers until it has been fetched again; the manifest is kept as
+    :data:`REFERENCE` (:func:`read_reference`), which the re-fetch must match.
     """
     start = time.perf_counter()
     manifest = read_manifest(dest)
@@ -232,5 +295,5 @@ def cached_copy(source: str | None, dest: str, settings: TransferSettings) -> Fe
         return FetchResult(local_path(dest, manifest), manifest, 0, time.perf_counter() - start, cached=True)
     logger.warning("Cached copy of %s in %s failed verification; fetching again", source, dest)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(dest, MANIFEST))
+        os.replace(os.path.join(dest, MANIFEST), os.path.join(dest, REFERENCE))
     return None

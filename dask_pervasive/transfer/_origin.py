@@ -27,11 +27,12 @@ from fsspec.core import url_to_fs
 from ..errors import TransferError
 from ._manifest import (
     FetchResult,
+    all_blocks,
     cached_copy,
     is_count,
     local_path,
     matches,
-    read_manifest,
+    read_reference,
     safe_relpath,
     write_manifest,
 )
@@ -70,13 +71,27 @@ def origin_filesystem(
     return url_to_fs(source, **options)
 
 
-def open_for_copy(fs: fsspec.AbstractFileSystem, path: str, chunk_size: int):
-    """Open ``path`` to be read once, front to back, in ``chunk_size`` pieces.
+def is_web(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is fsspec's ``http(s)`` file system."""
+    return any(p in ("http", "https") for p in _protocols(fs))
 
-    Without read-ahead caching: fsspec's default (``readahead``, 5 MiB blocks)
+
+def open_for_copy(fs: fsspec.AbstractFileSystem, path: str, chunk_size: int, offset: int = 0, size: int | None = None):
+    """Open ``path`` to be read once, front to back, in ``chunk_size`` pieces, from ``offset`` on.
+
+    Over ``http(s)``, a read from the start is one streaming ``GET``
+    without ``Range`` (any server serves it, and in one request); a read
+    from ``offset`` > 0 asks byte ranges, which the caller seeks to and
+    must be ready to see refused (``ValueError``). Elsewhere without
+    read-ahead caching: fsspec's default (``readahead``, 5 MiB blocks)
     re-requests overlapping ranges when reads are not block-aligned, which
     reads about one block per file twice from remote stores.
     """
+    if is_web(fs):
+        sized = {"size": size} if size is not None else {}
+        if offset == 0:
+            return fs.open(path, "rb", block_size=0, **sized)
+        return fs.open(path, "rb", block_size=chunk_size, cache_type="none", **sized)
     try:
         return fs.open(path, "rb", block_size=chunk_size, cache_type="none")
     except TypeError:  # a filesystem whose open() takes no caching options
@@ -94,11 +109,46 @@ class SourceListing:
     is_file: bool
     #: relative path → size the origin lists (``None`` where it does not say, e.g. http listings)
     sizes: dict[str, int | None] = field(default_factory=dict)
+    #: relative path → what the origin says identifies the file's version (size, mtime, ETag, ...)
+    stamps: dict[str, dict] = field(default_factory=dict)
+    #: whether the origin serves byte ranges (resumes at an offset): ``None`` until a resume tells
+    #: (or an http ``Accept-Ranges: none`` says no)
+    ranges: bool | None = None
 
 
 def _size(info: Any) -> int | None:
     size = info.get("size") if isinstance(info, Mapping) else None
     return size if is_count(size) else None
+
+
+#: Fields of fsspec ``info()`` that change when a file is replaced (local, http, s3, gcs, azure, ...).
+_VERSION_FIELDS = (
+    "mtime",
+    "ETag",
+    "etag",
+    "LastModified",
+    "Last-Modified",
+    "last_modified",
+    "updated",
+    "md5Hash",
+    "generation",
+    "VersionId",
+    "version_id",
+)
+
+
+def _stamp(info: Any) -> dict:
+    """What ``info`` says about the version of a file: its size and change markers (JSON-safe)."""
+    if not isinstance(info, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    if (size := _size(info)) is not None:
+        out["size"] = size
+    for key in _VERSION_FIELDS:
+        value = info.get(key)
+        if value is not None:
+            out[key] = value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else str(value)
+    return out
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -122,12 +172,13 @@ def _list(fs: fsspec.AbstractFileSystem, root: str, source: str, call: Callable)
     # says "file" for everything (a directory is an HTML index page): there a
     # trailing slash marks a directory, listed from the links of its index.
     info = call(fs.info, root)
-    web = any(p in ("http", "https") for p in _protocols(fs))
+    web = is_web(fs)
     if info["type"] == "directory" or source.endswith("/"):
         found = call(lambda: fs.find(root, detail=True))
         base = root.rstrip("/")
         files: dict[str, str] = {}
         sizes: dict[str, int | None] = {}
+        stamps: dict[str, dict] = {}
         for p in sorted(found):
             rel = p[len(base) :].lstrip("/") if p.startswith(base) else posixpath.basename(p)
             if web:
@@ -135,11 +186,12 @@ def _list(fs: fsspec.AbstractFileSystem, root: str, source: str, call: Callable)
             rel = safe_relpath(rel)
             files[rel] = p
             sizes[rel] = _size(found[p])
+            stamps[rel] = _stamp(found[p])
         if not files:
             raise FileNotFoundError(f"source {source!r} is an empty directory")
-        return SourceListing(fs, root, files, False, sizes)
+        return SourceListing(fs, root, files, False, sizes, stamps)
     name = safe_relpath(posixpath.basename(root.rstrip("/")).split("?")[0] or "data")
-    return SourceListing(fs, root, {name: root}, True, {name: _size(info)})
+    return SourceListing(fs, root, {name: root}, True, {name: _size(info)}, {name: _stamp(info)})
 
 
 # -- copying --------------------------------------------------------------------------------------
@@ -179,6 +231,8 @@ class OriginCopy:
         self.on_bytes = on_bytes
         self.bytes = 0  #: bytes read from the origin so far
         self.listing: SourceListing | None = None
+        #: relative path → block digests of the files this copy wrote (computed as they arrived)
+        self.blocks: dict[str, list[str]] = {}
 
     def list(self) -> SourceListing:
         """List the origin (bounded, retried)."""
@@ -204,9 +258,74 @@ class OriginCopy:
         try:
             got = self._read(rel, partial, expected, f"reading {rel!r}{of} from the origin {self.source}")
             partial.commit(None)
+            self.blocks[rel] = partial.block_digests()
         finally:
             partial.discard()  # no-op after a commit
         return got
+
+    def _size(self, guard: Callable, rel: str) -> int | None:
+        """The size of ``rel`` the origin states; over http, asked once (``HEAD``) where the listing
+        does not say, which also tells the file's version (``ETag``, ``Last-Modified``) and whether
+        the server refuses ranges (``Accept-Ranges: none``)."""
+        listing = self.listing
+        size = listing.sizes.get(rel)
+        if size is None and is_web(listing.fs):
+            info = guard(listing.fs.info, listing.files[rel])
+            size = listing.sizes[rel] = _size(info)
+            listing.stamps[rel] = _stamp(info)
+            if info.get("partial") is False:
+                listing.ranges = False
+        return size
+
+    def stamp(self, rel: str) -> dict:
+        """What the origin says identifies the version of ``rel`` (bounded, retried)."""
+        assert self.listing is not None, "list() first"
+
+        def attempt(_: int) -> dict:
+            with StallGuard(self.policy.stall_timeout, f"asking the origin {self.source} about {rel!r}") as guard:
+                self._size(guard, rel)
+            return dict(self.listing.stamps.get(rel, {}))
+
+        return retrying(attempt, self.policy, f"asking the origin {self.source} about {rel!r}")
+
+    def stamps(self) -> dict[str, dict]:
+        """:meth:`stamp` of every file listed."""
+        return {rel: self.stamp(rel) for rel in self.listing.files}
+
+    def _open_at(self, guard: StallGuard, remote: str, partial: PartialFile, size: int | None) -> tuple[Any, Any]:
+        """``remote`` opened at ``partial.offset``, and the first chunk when one was read to find out.
+
+        Resumed at the offset only where the origin serves ranges: detected
+        by trying (a server that ignores ``Range`` answers with the whole
+        file, which fsspec refuses with ``ValueError``), remembered for the
+        other files; otherwise ``partial`` starts over and the file is read
+        from the start.
+        """
+        listing = self.listing
+        if partial.offset and listing.ranges is not False:
+            src = guard(open_for_copy, listing.fs, remote, self.chunk_size, partial.offset, size)
+            try:
+                guard(src.seek, partial.offset)
+                first = guard(src.read, self.chunk_size)
+            except (ValueError, NotImplementedError) as exc:  # no ranges (or a stream that cannot seek)
+                guard.later(src.close)
+                listing.ranges = False
+                logger.info(
+                    "pervasive: the origin %s cannot resume %s at byte %d (%s); reading it from the start",
+                    self.source,
+                    remote,
+                    partial.offset,
+                    exc,
+                )
+            except BaseException:
+                guard.later(src.close)
+                raise
+            else:
+                listing.ranges = True
+                return src, first
+        if partial.offset:
+            partial.reset()
+        return guard(open_for_copy, listing.fs, remote, self.chunk_size, 0, size), None
 
     def _count(self, n: int) -> None:
         self.bytes += n
@@ -223,21 +342,18 @@ class OriginCopy:
         not match are dropped without counting as an attempt.
         """
         listing = self.listing
-        remote, size = listing.files[rel], listing.sizes.get(rel)
+        remote = listing.files[rel]
 
         def attempt(_: int) -> dict:
             with StallGuard(self.policy.stall_timeout, what) as guard:
-                src = guard(open_for_copy, listing.fs, remote, self.chunk_size)
+                size = self._size(guard, rel)
+                src, first = self._open_at(guard, remote, partial, size)
                 try:
                     listed = size if size is not None else getattr(src, "size", None)
                     listed = listed if is_count(listed) else None
-                    if partial.offset:
-                        try:
-                            guard(src.seek, partial.offset)
-                        except (ValueError, OSError, NotImplementedError):  # cannot seek (streaming): start over
-                            partial.reset()
                     partial.sources.add("origin")
-                    while chunk := guard(src.read, self.chunk_size):
+                    while chunk := (first if first is not None else guard(src.read, self.chunk_size)):
+                        first = None
                         partial.absorb(chunk)
                         self._count(len(chunk))
                         if listed is not None and partial.offset > listed:
@@ -278,10 +394,10 @@ def fetch_source(source: str, storage_options: Mapping | None, dest: str, settin
     removed first.
     """
     start = time.perf_counter()
-    earlier = read_manifest(dest)
     cached = cached_copy(source, dest, settings)
     if cached is not None:
         return cached
+    earlier = read_reference(dest)  # kept by cached_copy (here, or the caller's) when the copy failed it
     os.makedirs(dest, exist_ok=True)
     remove_stale_parts(dest)
 
@@ -294,7 +410,42 @@ def fetch_source(source: str, storage_options: Mapping | None, dest: str, settin
             "updated on purpose, give the context a new name (or clear the cache directory)"
         )
     entries = {rel: copy.fetch(rel, reference.get(rel)) for rel in listing.files}
-    manifest = {"source": source, "is_file": listing.is_file, "files": entries}
+    manifest = {
+        "source": source,
+        "is_file": listing.is_file,
+        "files": entries,
+        "origin": copy.stamps(),
+        "blocks": all_blocks(dest, entries, copy.blocks),
+    }
     write_manifest(dest, manifest)
     seconds = time.perf_counter() - start
     return FetchResult(local_path(dest, manifest), manifest, copy.bytes, seconds, sources={"origin": copy.bytes})
+
+
+def origin_changed(
+    manifest: Mapping, source: str, storage_options: Mapping | None, settings: TransferSettings
+) -> str | None:
+    """How the origin differs from what it was when the copy ``manifest`` describes was made, or ``None``.
+
+    Compared: the files listed, their sizes, and the version markers the
+    origin gives (mtime, ETag, Last-Modified, generation, ...) recorded in
+    the manifest's ``"origin"`` (copies made before it was recorded: sizes
+    only). Reads no file content.
+    """
+    copy = OriginCopy(source, storage_options, "", settings)
+    listing = copy.list()
+    files = manifest["files"]
+    if set(listing.files) != set(files):
+        gone, new = sorted(set(files) - set(listing.files)), sorted(set(listing.files) - set(files))
+        return f"it now lists other files (gone: {gone[:5]}, new: {new[:5]})"
+    recorded = manifest.get("origin") if isinstance(manifest.get("origin"), Mapping) else {}
+    for rel in sorted(files):
+        now = copy.stamp(rel)
+        if "size" in now and now["size"] != files[rel]["size"]:
+            return f"{rel!r} is {now['size']} bytes there, {files[rel]['size']} in the copy"
+        then = recorded.get(rel)
+        if isinstance(then, Mapping):
+            for key, value in now.items():
+                if key != "size" and key in then and then[key] != value:
+                    return f"the {key} of {rel!r} was {then[key]!r} when the copy was made, now {value!r}"
+    return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from ._coordinator import ORIGIN, WAIT, coordinator_available
 from ._manifest import (
     Corrupt,
     FetchResult,
+    all_blocks,
     cached_copy,
     check_manifest,
     local_path,
@@ -33,8 +35,8 @@ from ._manifest import (
     matches,
     write_manifest,
 )
-from ._origin import OriginCopy, fetch_source
-from ._parts import PartialFile, remove_stale_parts
+from ._origin import OriginCopy, fetch_source, origin_changed
+from ._parts import LocalWriteError, PartialFile, remove_stale_parts
 from ._stream import stream_from_peer
 
 if TYPE_CHECKING:
@@ -84,6 +86,10 @@ class Receiver:
         self.partials: dict[str, PartialFile] = {}
         self.bytes = {"peers": 0, "origin": 0}
         self.used: list[str] = []
+        #: what the origin said identifies each file's version when it was read (recorded in the
+        #: manifest, so a later use of this copy can tell whether the origin changed)
+        self.stamps: dict | None = None
+        self.blocks: dict[str, list[str]] = {}  #: block digests of files this copy wrote
         #: what :meth:`progress` serves; replaced, never mutated (read from server threads)
         self._snapshot: dict = {}
         self._publish()
@@ -179,9 +185,15 @@ class Receiver:
                 else:
                     await self._from_peer(source, reply.get("digest"))
                 manifest = await self._checked_manifest(reply.get("digest"), source)
+                manifest["blocks"] = await asyncio.to_thread(all_blocks, self.dest, manifest["files"], self.blocks)
                 # Complete (and servable) before the coordinator offers this worker as a source.
-                await asyncio.to_thread(write_manifest, self.dest, {"source": self.context.source, **manifest})
+                stamps = {"origin": self.stamps} if self.stamps else {}
+                await asyncio.to_thread(
+                    write_manifest, self.dest, {"source": self.context.source, **manifest, **stamps}
+                )
                 ok = True
+            except LocalWriteError:
+                raise  # this worker's disk: no other source can help, and this one is not to blame
             except Corrupt as exc:
                 if source == ORIGIN:
                     raise
@@ -286,6 +298,9 @@ class Receiver:
         while True:
             raw = await asyncio.wait_for(manifest_of(context=name, token=token), self.timeout)
             manifest = check_manifest(raw)
+            stamps = raw.get("origin") if not manifest["partial"] else None
+            if isinstance(stamps, dict) and set(stamps) == set(manifest["files"]):
+                self.stamps = {rel: dict(v) for rel, v in stamps.items() if isinstance(v, dict)}
             self._merge(manifest, peer, digest)
             copied = False
             for rel in sorted(manifest["files"]):
@@ -330,6 +345,7 @@ class Receiver:
         del self.partials[rel]
         if not await asyncio.to_thread(partial.commit, meta["sha256"]):
             raise Corrupt(f"{rel!r} received from {sorted(partial.sources)} does not match its sha256")
+        self.blocks[rel] = partial.block_digests()
         self._file_done(rel)
 
     async def _partial(self, rel: str, meta: dict | None) -> PartialFile | None:
@@ -389,6 +405,8 @@ class Receiver:
                 got = await asyncio.to_thread(copy.fetch, rel, self.known.get(rel), self.partials.pop(rel, None))
                 self.known[rel] = got
                 self._file_done(rel)
+        self.stamps = await asyncio.to_thread(copy.stamps)
+        self.blocks.update(copy.blocks)
 
 
 async def fetch_context(
@@ -406,11 +424,64 @@ async def fetch_context(
     ``server``, files are served to other workers as soon as they are verified.
     """
     cached = await asyncio.to_thread(cached_copy, context.source, dest, settings)
+    coordinated = settings.peers and await coordinator_available(worker)
     if cached is not None:
+        await _check_cached(worker, context, cached, dest, settings, coordinated)
         return cached
-    if not settings.peers or not await coordinator_available(worker):
+    if not coordinated:
         return await asyncio.to_thread(fetch_source, context.source, context.storage_options, dest, settings)
     return await Receiver(worker, context, dest, settings, server).run()
+
+
+async def _check_cached(
+    worker: Worker, context: Context, cached: FetchResult, dest: str, settings: TransferSettings, coordinated: bool
+) -> None:
+    """A complete copy from an earlier run, checked against the cluster's reference before it is used.
+
+    The reference: the coordinator's manifest when it has one (the copies
+    other workers hold), else the origin itself (the files it lists, their
+    sizes and version markers, as recorded when the copy was made). An
+    origin that cannot be asked leaves the copy usable (logged): nobody can
+    read another version from it either.
+
+    Raises
+    ------
+    TransferError
+        The copy is not the version the cluster (or the origin) has now.
+    """
+    fix = (
+        "to use the new version give the context a new name (or clear the cache directory, "
+        "pervasive.worker.cache-dir); to keep the old one, restore it at the origin"
+    )
+    digest = None
+    if coordinated:
+        with contextlib.suppress(Exception):  # no answer: as without a reference
+            holders = getattr(worker.scheduler, SchedulerHandler.HOLDERS.value)
+            digest = (await holders(context=context.name))["digest"]
+    if digest is not None:
+        if manifest_digest(cached.manifest) != digest:
+            raise TransferError(
+                f"the cached copy of context {context.name!r} in {dest} on {worker.address} differs from "
+                f"the copies other workers hold (the origin {context.source} changed?); {fix}"
+            )
+        return
+    try:
+        # One bounded attempt: a cached copy is what makes a worker independent of a slow or absent origin.
+        once = dataclasses.replace(settings, retries=0)
+        why = await asyncio.to_thread(origin_changed, cached.manifest, context.source, context.storage_options, once)
+    except (OSError, ValueError) as exc:  # TransferError included: the origin could not be asked
+        why = None
+        logger.warning(
+            "pervasive: could not check the cached copy of %r in %s against its origin (%s); using it",
+            context.name,
+            dest,
+            exc,
+        )
+    if why is not None:
+        raise TransferError(
+            f"the origin {context.source} of context {context.name!r} changed since the cached copy in {dest} on "
+            f"{worker.address} was made ({why}); {fix}"
+        )
 
 
 def peer_fetcher(

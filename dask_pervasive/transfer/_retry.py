@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigurationError, TransferError
+from ._parts import LocalWriteError
 
 if TYPE_CHECKING:
     from .._settings import TransferSettings
@@ -90,6 +91,8 @@ def transient(exc: BaseException) -> bool:
     """Whether ``exc`` from an origin read may go away when the read is tried again."""
     if isinstance(exc, (OriginStalled, OriginMismatch)):
         return True
+    if isinstance(exc, LocalWriteError):  # this worker's disk: reading the origin again cannot help
+        return False
     if not isinstance(exc, Exception):
         return False
     if isinstance(exc, _PERMANENT):

@@ -186,27 +186,29 @@ async def test_a_plausible_lie_does_not_poison_the_copy(c, s, a, b, http_origin)
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 2, config=SMALL_CHUNKS)
-async def test_peer_filesystem_verifies_whole_file_reads(c, s, a, b, http_origin):
+async def test_peer_filesystem_verifies_every_byte_served(c, s, a, b, http_origin):
+    """Whole-file and ranged reads through dask-peer:// are checked (sha256, block digests); the holder
+    that alone served bad bytes is reported and not offered again."""
     files = make_model(http_origin)
     await dp.install(c, [model_context(http_origin)])
     await dp.prewarm(c, "m", workers=[a.address], progress=False)
-    target = copy_dir(a) / "w0.bin"
-    data = bytearray(target.read_bytes())
-    data[5] ^= 0xFF
-    target.write_bytes(bytes(data))
 
     def read(path, **kw):
         try:
             return fsspec.filesystem("dask-peer").cat_file(path, **kw)
-        except dp.TransferError as exc:
-            return f"TransferError: {exc}"
+        except (dp.TransferError, FileNotFoundError) as exc:
+            return f"{type(exc).__name__}: {exc}"
 
-    whole = await c.submit(read, "dask-peer://m/w0.bin", workers=[b.address])
-    assert isinstance(whole, str) and "does not match the manifest's sha256" in whole
     assert await c.submit(read, "dask-peer://m/w1.bin", workers=[b.address]) == files["w1.bin"]
-    # ranged reads are not verified (documented in docs/security.md): they return what the holder has
+    target = copy_dir(a) / "w0.bin"
+    data = bytearray(target.read_bytes())
+    data[5] ^= 0xFF
+    target.write_bytes(bytes(data))
     part = await c.submit(read, "dask-peer://m/w0.bin", start=0, end=10, workers=[b.address])
-    assert part == bytes(data[:10])
+    assert isinstance(part, str) and "does not match" in part  # ranged reads are verified too
+    assert a.address in coordinator(s).suspect["m"]
+    whole = await c.submit(read, "dask-peer://m/w0.bin", workers=[b.address])
+    assert isinstance(whole, str) and files["w0.bin"][:10] not in whole.encode(errors="ignore")
 
 
 @pytest.mark.parametrize(
