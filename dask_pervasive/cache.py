@@ -258,9 +258,11 @@ class ContextCache(BudgetAccounting):
             entry.state = State.FETCHING if entry.context.source else State.LOADING
             entry.error = None
             entry.attempt += 1
-            entry.device = resolve_device(entry.context.device)
         self._changed(entry)
         try:
+            # Inside the try: preparing a load (resolving the device imports torch, which
+            # can raise OSError on a broken CUDA runtime) must end in `failed` like the load.
+            entry.device = resolve_device(entry.context.device)
             value = self._materialize(entry, key)
         except BaseException as exc:
             self._record_span(key, started)

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Worker task states in which the task's thread may still run (and hold contexts).
+_THREAD_STATES = ("executing", "long-running", "cancelled", "resumed")
+
 # Re-exported: imported from here by callers older than _protocol/_settings.
 __all__ = [
     "EVENT_TOPIC",
@@ -248,13 +251,20 @@ class ContextWorkerPlugin(WorkerPlugin):
             self.cache.close()
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        # A task that leaves the executing state releases the contexts it held.
-        running = ("executing", "long-running")
-        if start in running and finish not in running and self.cache is not None:
-            spans = self.cache.load_spans.pop(key, None)
-            if spans:
-                self._exclude_load_time(key, spans)
-            self.cache.release(key)
+        # Pins follow the task's thread: a task cancelled while it runs (or loads its
+        # context) is reported as executing -> released but stays "cancelled" until its
+        # thread returns, and may pin a context after that report. So release whenever
+        # the task is, after any transition, no longer running a thread here
+        # (memory, error, released, forgotten, rescheduled, ...).
+        if self.cache is None or finish in _THREAD_STATES:
+            return
+        ts = self.worker.state.tasks.get(key) if self.worker is not None else None
+        if ts is not None and ts.state in _THREAD_STATES:
+            return
+        spans = self.cache.load_spans.pop(key, None)
+        if spans and start in ("executing", "long-running"):
+            self._exclude_load_time(key, spans)
+        self.cache.release(key)
 
     def _exclude_load_time(self, key: Any, spans: list[tuple[float, float]]) -> None:
         """Take time spent in get_context loads out of the task's compute duration.

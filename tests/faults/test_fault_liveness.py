@@ -1,0 +1,79 @@
+"""Liveness: failures while preparing a load, pins of cancelled tasks, re-installation, fan-out helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from distributed.utils_test import gen_cluster
+
+import dask_pervasive as dp
+from dask_pervasive._protocol import EVENT_TOPIC
+
+GATE = threading.Event()
+LOADING = threading.Event()
+
+
+def load_gated(path, device):
+    """Loads until GATE is set (the test releases it)."""
+    LOADING.set()
+    assert GATE.wait(30), "test never opened the gate"
+    return {"value": 1}
+
+
+def load_value(path, device):
+    return {"value": 1}
+
+
+def broken_cuda(*args, **kwargs):
+    raise OSError("libcudart.so.12: cannot open shared object file: No such file or directory")
+
+
+async def until(predicate, timeout=10.0):
+    """Wait for ``predicate()`` (a condition, not a margin); fail the test after ``timeout``."""
+
+    async def poll():
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@gen_cluster(client=True, nthreads=[("", 2)])
+async def test_broken_cuda_runtime_fails_load_and_later_tasks_fast(c, s, a, monkeypatch):
+    """Item 8: `import torch`/CUDA probing raising OSError ends in `failed` with ContextLoadError."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", broken_cuda)
+    await dp.install(c, [dp.Context("gpu", load=load_value, device="auto")], scheduler=False)
+    with pytest.raises(dp.ContextLoadError) as info:
+        await c.submit(dp.get_context, "gpu", pure=False)
+    assert info.value.worker == a.address
+    assert isinstance(info.value.__cause__, OSError) and "libcudart" in str(info.value)
+    # Later tasks of that context fail fast with the same error instead of waiting on a "loading" entry.
+    with pytest.raises(dp.ContextLoadError, match="libcudart"):
+        await asyncio.wait_for(c.submit(dp.get_context, "gpu", pure=False), 10)
+    (row,) = [r for r in await dp.stats(c) if r["context"] == "gpu"]
+    assert row["state"] == "failed" and row["failures"] == 1
+    # The scheduler heard of it.
+    await until(
+        lambda: any(m.get("context") == "gpu" and m.get("state") == "failed" for _, m in s.get_events(EVENT_TOPIC))
+    )
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_cancelling_a_task_while_its_context_loads_releases_the_pin(c, s, a):
+    """Item 9: pins follow the task's life, also when it is cancelled mid-load."""
+    GATE.clear()
+    LOADING.clear()
+    await dp.install(c, [dp.Context("slowload", load=load_gated, device="cpu")], scheduler=False)
+    fut = c.submit(dp.get_context, "slowload", key="pinned-task")
+    await until(LOADING.is_set)
+    await fut.cancel()
+    # The worker keeps the task "cancelled" while its thread loads.
+    await until(lambda: getattr(a.state.tasks.get("pinned-task"), "state", None) == "cancelled")
+    GATE.set()
+    await until(lambda: "pinned-task" not in a.state.tasks or a.state.tasks["pinned-task"].state == "released")
+    (row,) = [r for r in await dp.stats(c) if r["context"] == "slowload"]
+    assert row["state"] == "resident" and row["users"] == 0
+    assert await dp.evict(c, "slowload") == {a.address: "evicted"}
