@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 from distributed.utils_test import gen_cluster
 
@@ -24,6 +25,23 @@ def load_gated(path, device):
 
 def load_value(path, device):
     return {"value": 1}
+
+
+class Wrapper:
+    """A user object holding its weights in an attribute."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+
+def load_linear_dict(path, device):
+    import torch
+
+    return {"model": torch.nn.Linear(4096, 4096), "note": "64 MiB of float32 weights"}
+
+
+def load_wrapped_array(path, device):
+    return Wrapper(np.ones(2**23))  # 64 MiB
 
 
 def broken_cuda(*args, **kwargs):
@@ -77,3 +95,19 @@ async def test_cancelling_a_task_while_its_context_loads_releases_the_pin(c, s, 
     (row,) = [r for r in await dp.stats(c) if r["context"] == "slowload"]
     assert row["state"] == "resident" and row["users"] == 0
     assert await dp.evict(c, "slowload") == {a.address: "evicted"}
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_undeclared_sizes_are_measured_deeply(c, s, a):
+    """Item 11: a dict holding a module, an object wrapping an array: measured, so the budget holds."""
+    pytest.importorskip("torch")
+    loaders = [load_linear_dict, load_linear_dict, load_wrapped_array, load_wrapped_array, load_wrapped_array]
+    ctxs = [dp.Context(f"m{i}", load=f, device="cpu") for i, f in enumerate(loaders)]
+    await dp.install(c, ctxs, max_bytes="100MiB", scheduler=False)
+    for ctx in ctxs:
+        await c.submit(dp.get_context, ctx.name, pure=False)
+        rows = {r["context"]: r for r in await dp.stats(c)}
+        resident = [r for r in rows.values() if r["state"] == "resident"]
+        assert [r["context"] for r in resident] == [ctx.name]
+        assert 64 * 2**20 <= rows[ctx.name]["host_bytes"] < 65 * 2**20
+    assert sum(r["evictions"] for r in rows.values()) == 4
