@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import dask
 import numpy as np
 import pytest
+from distributed import Worker
 from distributed.utils_test import gen_cluster
 
 import dask_pervasive as dp
@@ -42,6 +44,26 @@ def load_linear_dict(path, device):
 
 def load_wrapped_array(path, device):
     return Wrapper(np.ones(2**23))  # 64 MiB
+
+
+HELD = threading.Event()
+RELEASE = threading.Event()
+
+
+def load_fresh(path, device):
+    return {"value": 1, "torn": False}
+
+
+def mark_torn(obj):
+    obj["torn"] = True
+
+
+def hold_held(x):
+    """Holds context "held" until RELEASE; returns whether it was torn down under it."""
+    model = dp.get_context("held")
+    HELD.set()
+    assert RELEASE.wait(30), "test never released the task"
+    return model["torn"]
 
 
 def broken_cuda(*args, **kwargs):
@@ -111,3 +133,26 @@ async def test_undeclared_sizes_are_measured_deeply(c, s, a):
         assert [r["context"] for r in resident] == [ctx.name]
         assert 64 * 2**20 <= rows[ctx.name]["host_bytes"] < 65 * 2**20
     assert sum(r["evictions"] for r in rows.values()) == 4
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_install_on_preloaded_workers_keeps_contexts_in_use(c, s):
+    """Item 10: dp.install replaces the --preload plugin; contexts (and what tasks hold) survive."""
+    HELD.clear()
+    RELEASE.clear()
+    module = __name__
+    entry = {"name": "held", "load": f"{module}:load_fresh", "teardown": f"{module}:mark_torn", "device": "cpu"}
+    with dask.config.set({"pervasive.contexts": [entry]}):
+        async with Worker(s.address, nthreads=2, preload=["dask_pervasive.preload"]) as w:
+            fut = c.submit(hold_held, 1, workers=[w.address])
+            await until(HELD.is_set)
+            await dp.install(c, [dp.Context("extra", load=load_value, device="cpu")], max_bytes="1GiB", scheduler=False)
+            RELEASE.set()
+            assert await fut is False  # not torn down under the running task
+            rows = {r["context"]: r for r in await dp.stats(c)}
+            assert rows["held"]["state"] == "resident" and rows["held"]["users"] == 0
+            assert rows["held"]["loads"] == 1 and rows["held"]["evictions"] == 0
+            assert w.plugins["pervasive"].cache.max_bytes == 2**30  # the new budget applies
+            assert await c.submit(lambda: dp.get_context("extra")["value"], workers=[w.address]) == 1
+            assert await c.submit(lambda: dp.get_context("held")["torn"], workers=[w.address]) is False
+            assert {r["context"]: r["loads"] for r in await dp.stats(c)} == {"held": 1, "extra": 1}
