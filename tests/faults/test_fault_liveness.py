@@ -156,3 +156,21 @@ async def test_install_on_preloaded_workers_keeps_contexts_in_use(c, s):
             assert await c.submit(lambda: dp.get_context("extra")["value"], workers=[w.address]) == 1
             assert await c.submit(lambda: dp.get_context("held")["torn"], workers=[w.address]) is False
             assert {r["context"]: r["loads"] for r in await dp.stats(c)} == {"held": 1, "extra": 1}
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_prewarm_tolerates_a_worker_leaving_mid_call(c, s, a, b):
+    """Item 13: prewarm warms the workers that stay and names the ones that left."""
+    GATE.clear()
+    LOADING.clear()
+    await dp.install(c, [dp.Context("slowload", load=load_gated, device="cpu")], scheduler=False)
+    call = asyncio.ensure_future(dp.prewarm(c, "slowload", workers=[a.address, b.address], progress=False))
+    leaving = b.plugins["pervasive"].cache.entries["slowload"]
+    await until(lambda: leaving.state.value == "loading")
+    await b.close()
+    GATE.set()
+    warm = await asyncio.wait_for(call, 30)
+    assert warm == [a.address] and warm.left == [b.address]
+    assert (await dp.where(c))["slowload"]["resident"] == [a.address]
+    # The helpers that fan out keep working with the worker gone.
+    assert await dp.evict(c, "slowload") == {a.address: "evicted"}
