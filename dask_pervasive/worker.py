@@ -202,9 +202,9 @@ class ContextWorkerPlugin(WorkerPlugin):
         worker.handlers[WorkerHandler.PREWARM.value] = self._handle_prewarm
         if adopted is not None:
             self.cache.enforce_budgets()  # the new budgets may be smaller: evict idle contexts
-            self.announce()
-        else:
-            self._publish_budgets()
+        # Budgets and every context (with its declared size): the scheduler plugin keeps a
+        # context's tasks off workers too small for it before anything is loaded.
+        self.announce()
         if conflicts:
             raise ContextDefinitionError("; ".join(conflicts))
 
@@ -234,7 +234,12 @@ class ContextWorkerPlugin(WorkerPlugin):
         return {
             "max_bytes": self.cache.max_bytes if self.cache is not None else None,
             "device_max_bytes": self._known_device_budget(),
-            "contexts": self.cache.snapshot() if self.cache is not None else [],
+            "contexts": [
+                {**row, "declared_bytes": declared_bytes(self.cache.entries[row["context"]])}
+                for row in self.cache.snapshot()
+            ]
+            if self.cache is not None
+            else [],
         }
 
     def announce(self) -> None:
@@ -345,6 +350,7 @@ class ContextWorkerPlugin(WorkerPlugin):
                 "load_seconds": entry.counters.load_seconds,
                 "last_load_seconds": entry.last_load_seconds,
                 "last_fetch_seconds": entry.last_fetch_seconds,
+                "declared_bytes": declared_bytes(entry),
             },
         )
 
@@ -367,8 +373,21 @@ class ContextDeclaration(WorkerPlugin):
     def setup(self, worker: Worker) -> None:
         # A plugin set up later finds this one in worker.plugins (see ContextWorkerPlugin.setup).
         plugin = plugin_on(worker)
-        if plugin is not None:
-            plugin.cache.declare(self.context)
+        if plugin is not None and plugin.cache.declare(self.context):
+            plugin._publish(plugin.cache.entries[self.context.name])  # its declared size, for placement
+
+
+def declared_bytes(entry: ContextEntry) -> tuple[int, int] | None:
+    """``(host, device)`` bytes the context declares (``nbytes``), ``None`` when undeclared.
+
+    ``device="auto"`` counts on the device only once this worker resolved it
+    to a GPU (resolving imports torch): until then it counts on the host.
+    """
+    nbytes = entry.context.nbytes
+    if nbytes is None:
+        return None
+    device = entry.device or entry.context.device
+    return (0, nbytes) if device.startswith("cuda") else (nbytes, 0)
 
 
 def plugin_on(worker: Worker) -> ContextWorkerPlugin | None:

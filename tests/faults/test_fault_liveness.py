@@ -174,3 +174,47 @@ async def test_prewarm_tolerates_a_worker_leaving_mid_call(c, s, a, b):
     assert (await dp.where(c))["slowload"]["resident"] == [a.address]
     # The helpers that fan out keep working with the worker gone.
     assert await dp.evict(c, "slowload") == {a.address: "evicted"}
+
+
+@dp.uses_context("big")
+def use_big(model, x):
+    return model["value"] + x
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_tasks_go_only_to_workers_that_can_hold_the_context(c, s):
+    """Item 12: declared sizes reach the scheduler before the first load; small workers get none of its tasks.
+
+    Three workers with a 100 MB budget (0.5 of 200 MB), one with 2 GB, a 300 MB context.
+    """
+    async with (
+        Worker(s.address, nthreads=2, memory_limit="200MB") as small,
+        Worker(s.address, nthreads=2, memory_limit="200MB") as small2,
+        Worker(s.address, nthreads=2, memory_limit="200MB") as small3,
+        Worker(s.address, nthreads=2, memory_limit="4GB") as big,
+    ):
+        await dp.install(c, [dp.Context("big", load=load_value, device="cpu", nbytes="300MB")], max_bytes=0.5)
+        # The big worker is the busiest (occupancy is the planner's tie-break between cold
+        # workers): only knowing the size keeps the tasks off the idle small ones.
+        GATE.clear()
+        blocker = c.submit(wait_for_gate, workers=[big.address], pure=False)
+        await until(lambda: s.workers[big.address].occupancy > 0)
+        try:
+            futures = c.map(use_big, range(40))
+            assert await c.gather(futures) == [x + 1 for x in range(40)]
+        finally:
+            GATE.set()
+        await blocker
+        ran_on = await c.run_on_scheduler(_where_ran, [f.key for f in futures])
+        assert set(ran_on.values()) == {big.address}
+        rows = {r["worker"]: r for r in await dp.stats(c) if r["context"] == "big"}
+        for w in (small, small2, small3):
+            assert rows[w.address]["failures"] == 0 and rows[w.address]["loads"] == 0
+
+
+def wait_for_gate():
+    assert GATE.wait(30), "test never opened the gate"
+
+
+def _where_ran(keys, dask_scheduler):
+    return {k: next(iter(ts.who_has)).address for k in keys if (ts := dask_scheduler.tasks.get(k)) and ts.who_has}
