@@ -120,7 +120,8 @@ def measure_nbytes(obj: Any) -> tuple[int, int]:
     device), numpy arrays (by the buffer they own, so views are not counted
     twice); every object is counted once. Objects for which
     :func:`dask.sizeof.sizeof` has a specific handler (pandas, pyarrow, ...)
-    are measured with it; modules, classes and functions are not walked into.
+    are measured with it, objects defining their own ``__sizeof__`` by it;
+    modules, classes and functions are not walked into.
     After :data:`MEASURE_MAX_OBJECTS` objects the rest is estimated from a
     sample with :func:`dask.sizeof.sizeof`, as are large containers of plain
     values.
@@ -176,6 +177,8 @@ def measure_nbytes(obj: Any) -> tuple[int, int]:
             stack.extend(items)
         elif sizeof.dispatch(type(o)) is not default_sizeof:
             host += int(sizeof(o))
+        elif type(o).__sizeof__ is not object.__sizeof__:
+            host += int(o.__sizeof__())  # the object says how big it is: trusted, not walked
         else:
             host += sys.getsizeof(o)
             attrs = getattr(o, "__dict__", None)
