@@ -218,3 +218,20 @@ def wait_for_gate():
 
 def _where_ran(keys, dask_scheduler):
     return {k: next(iter(ts.who_has)).address for k in keys if (ts := dask_scheduler.tasks.get(k)) and ts.who_has}
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_conflicting_replacement_on_preloaded_workers_is_refused_and_keeps_the_resident(c, s):
+    """Item 10: a replacing plugin redefining a resident context is refused; the resident one stays."""
+    module = __name__
+    entry = {"name": "held", "load": f"{module}:load_fresh", "teardown": f"{module}:mark_torn", "device": "cpu"}
+    with dask.config.set({"pervasive.contexts": [entry]}):
+        async with Worker(s.address, nthreads=1, preload=["dask_pervasive.preload"]) as w:
+            model_value = await c.submit(lambda: dp.get_context("held")["value"], workers=[w.address])
+            assert model_value == 1
+            held = w.plugins["pervasive"].cache.entries["held"].value
+            other = dp.Context("held", load=load_value, device="cpu")  # same name, another definition
+            with pytest.raises(Exception, match="different definition"):
+                await c.register_plugin(dp.ContextWorkerPlugin([other]))
+            entry_now = w.plugins["pervasive"].cache.entries["held"]
+            assert entry_now.state.value == "resident" and entry_now.value is held and held["torn"] is False
