@@ -12,6 +12,7 @@ worker, only onto workers with room in their memory budget.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from .context import context_of
 if TYPE_CHECKING:
     from distributed import Scheduler
     from distributed.scheduler import TaskState, WorkerState
+
+logger = logging.getLogger("dask_pervasive.scheduler")
 
 #: Task states whose restrictions we may still change.
 PLACEABLE = ("released", "waiting", "no-worker", "processing")
@@ -154,6 +157,33 @@ class PlacementPlanner:
             device_budget is None or used_device + plan.size[1] <= device_budget
         )
 
+    def _cannot_hold(self, plan: ContextPlan, addr: str) -> bool:
+        """Whether the context alone exceeds ``addr``'s budgets (it would fail there with ContextTooLargeError)."""
+        if plan.size is None:
+            return False
+        host_budget, device_budget = self.budgets.get(addr, (None, None))
+        return (host_budget is not None and plan.size[0] > host_budget) or (
+            device_budget is not None and plan.size[1] > device_budget
+        )
+
+    def _move_off(self, plan: ContextPlan, workers: set[str], stimulus_id: str) -> None:
+        """Send tasks of ``plan`` queued (not yet running) on ``workers`` back to be placed again."""
+        assert self.scheduler is not None
+        moves = {}
+        for key in plan.pending:
+            ts = self.scheduler.tasks.get(key)
+            ws = ts.processing_on if ts is not None and ts.state == "processing" else None
+            if ws is not None and ws.address in workers and ts not in ws.executing:
+                moves[key] = "released"  # then waiting, then placed under the new restrictions
+        if moves:
+            logger.info(
+                "pervasive: moving %d queued task(s) of context %r off %s (too small for it)",
+                len(moves),
+                plan.name,
+                ", ".join(sorted(workers)),
+            )
+            self.scheduler.transitions(moves, stimulus_id)
+
     def _recently_failed(self, plan: ContextPlan, addr: str) -> bool:
         wc = self.warm[plan.name].get(addr)
         return (
@@ -167,7 +197,7 @@ class PlacementPlanner:
         """Workers outside the set that could join it, best first: ``(ready, addr)``."""
         out = []
         for addr, ws in running.items():
-            if addr in plan.members or self._recently_failed(plan, addr):
+            if addr in plan.members or self._recently_failed(plan, addr) or self._cannot_hold(plan, addr):
                 continue
             ready = self._ready_time(plan, addr)
             if ready > 0 and not self._fits(plan, addr, demand):
@@ -185,7 +215,8 @@ class PlacementPlanner:
             crowd = sum(len(p.pending) for p in demand if p is not plan and self._holds(p, addr))
             return (self._recently_failed(plan, addr), crowd, ws.occupancy / max(ws.nthreads, 1), addr)
 
-        return min(running, key=key)
+        able = [a for a in running if not self._cannot_hold(plan, a)]
+        return min(able or running, key=key)  # none can hold it: its tasks fail with ContextTooLargeError
 
     def _work(self, plan: ContextPlan) -> float:
         """Thread-seconds of pending work.
@@ -246,8 +277,14 @@ class PlacementPlanner:
         running = {ws.address: ws for ws in scheduler.running}
         demand = sorted((p for p in self.plans.values() if p.pending), key=lambda p: -len(p.pending))
         before = {p.name: set(p.members) for p in demand}
+        too_small: dict[str, set[str]] = {}
         for plan in self.plans.values():
             plan.members &= running.keys()
+            unfit = {a for a in plan.members if self._cannot_hold(plan, a)}
+            if unfit:  # its size became known (declared or measured) after it joined
+                plan.members -= unfit
+                too_small[plan.name] = unfit
+                self._stale.add(plan.name)
             if not plan.pending:
                 plan.members.clear()  # forget reservations without demand
             elif len(plan.members) > 1:
@@ -289,6 +326,8 @@ class PlacementPlanner:
                 self._apply(plan, stimulus_id, self._fresh[plan.name])
         self._stale.clear()
         self._fresh.clear()
+        for name, unfit in too_small.items():  # after the new restrictions are in place
+            self._move_off(self.plans[name], unfit, stimulus_id)
 
     def _add_member(self, plan: ContextPlan, addr: str, reason: str) -> None:
         assert self.scheduler is not None

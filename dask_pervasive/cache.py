@@ -161,6 +161,27 @@ class ContextCache(BudgetAccounting):
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
 
+    def reconfigure(self, **settings: Any) -> None:
+        """Apply new settings (a replacing worker plugin's): any ``__init__`` argument but ``address``.
+
+        Resident contexts are kept; call :meth:`enforce_budgets` afterwards.
+        """
+        with self._lock:
+            for name, value in settings.items():
+                if name == "device_max_bytes":
+                    self._device_max_bytes = value
+                elif name in ("cache_dir", "max_bytes", "retry_failed_after", "budget_wait", "transfer", "on_change"):
+                    setattr(self, name, value)
+                else:
+                    raise TypeError(f"unknown cache setting {name!r}")
+            self._cond.notify_all()  # waits for room re-check under the new budgets
+
+    def enforce_budgets(self) -> None:
+        """Evict idle contexts (least recently used first) while a budget is exceeded."""
+        with self._lock:
+            victims = self._make_room_locked()
+        self._teardown(victims)
+
     # -- declarations -----------------------------------------------------
     def declare(self, context: Context) -> bool:
         """Add a context; ``True`` if new. Redefining a name differently is an error."""
@@ -258,9 +279,11 @@ class ContextCache(BudgetAccounting):
             entry.state = State.FETCHING if entry.context.source else State.LOADING
             entry.error = None
             entry.attempt += 1
-            entry.device = resolve_device(entry.context.device)
         self._changed(entry)
         try:
+            # Inside the try: preparing a load (resolving the device imports torch, which
+            # can raise OSError on a broken CUDA runtime) must end in `failed` like the load.
+            entry.device = resolve_device(entry.context.device)
             value = self._materialize(entry, key)
         except BaseException as exc:
             self._record_span(key, started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,20 @@ async def _prewarm_on_worker(name: str, dask_worker) -> str:
     return dask_worker.address
 
 
+def _running_workers(dask_scheduler) -> list[str]:
+    """Workers neither closing nor gone."""
+    return [a for a, ws in dask_scheduler.workers.items() if ws.status.name in ("running", "paused")]
+
+
+#: Seconds a worker that failed a fan-out call with a connection error gets to leave the
+#: scheduler's view before the error is raised as the worker's own.
+_LEAVE_GRACE = 5.0
+
+
+def _is_pervasive(exc: BaseException) -> bool:
+    return isinstance(exc, PervasiveError)
+
+
 def _has_plugin_on_worker(dask_worker) -> bool:
     return plugin_on(dask_worker) is not None
 
@@ -85,13 +100,63 @@ def _warm_map_on_scheduler(dask_scheduler) -> dict | None:
     return plugin.where() if plugin is not None and hasattr(plugin, "where") else None
 
 
+logger = logging.getLogger(__name__)
+
+
+class WorkerList(list):
+    """A list of worker addresses (what :func:`prewarm` returns), with ``left``.
+
+    ``left`` lists the workers that left the cluster during the call: their
+    part was skipped rather than failing the whole call.
+    """
+
+    left: list[str]
+
+    def __init__(self, items: Iterable[str] = (), left: Iterable[str] = ()) -> None:
+        super().__init__(items)
+        self.left = sorted(left)
+
+
+async def _run_on_workers(client: Client, func, *args, workers: list[str] | None = None) -> tuple[dict, list[str]]:
+    """``client.run`` that tolerates workers leaving mid-call.
+
+    Returns ``({worker: result}, left)``: ``left`` names the workers that
+    failed because they left (no longer known to the scheduler afterwards).
+    Any other failure is raised; one that is not a dask_pervasive error (a
+    connection error from a worker that is still there) is raised as
+    :class:`~dask_pervasive.errors.PervasiveError` naming the worker.
+    """
+    replies = await client.run(func, *args, workers=workers, on_error="return")
+    failed = {w: r for w, r in replies.items() if isinstance(r, BaseException)}
+    if not failed:
+        return replies, []
+    # A worker that closes answers with a connection error (or, its plugin torn down, an
+    # error of ours) a moment before the scheduler drops it: wait for that, bounded.
+    deadline = asyncio.get_running_loop().time() + _LEAVE_GRACE
+    while True:
+        running = await client.run_on_scheduler(_running_workers)
+        left = sorted(w for w in failed if w not in running)
+        undecided = [w for w in failed if w in running and not _is_pervasive(failed[w])]
+        if not undecided or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    if left:
+        logger.info("pervasive: %s left the cluster during %s; skipped", ", ".join(left), func.__name__)
+    for w, exc in failed.items():
+        if w not in left:
+            if isinstance(exc, PervasiveError):
+                raise exc
+            raise PervasiveError(f"{func.__name__} failed on worker {w}: {type(exc).__name__}: {exc}") from exc
+    return {w: r for w, r in replies.items() if w not in failed}, left
+
+
 # -- registration ---------------------------------------------------------------
 # Every public helper is ``client.sync(_impl, ...)``: it blocks with a normal
 # client and returns an awaitable with an asynchronous one, like Client methods.
 async def _declared(client: Client) -> dict[str, str]:
     """``{name: token}`` of contexts declared on the cluster."""
     known = dict(await client.get_metadata(list(_METADATA), default={}) or {})
-    for tokens in (await client.run(_tokens_on_worker)).values():
+    for tokens in (await _run_on_workers(client, _tokens_on_worker))[0].values():
         for name, token in tokens.items():
             known.setdefault(name, token)
     return known
@@ -100,7 +165,7 @@ async def _declared(client: Client) -> dict[str, str]:
 async def _existing_definition(client: Client, name: str) -> str:
     described = await client.get_metadata([*_DEFINITIONS, name], default=None)
     if described is None:
-        found = [d for d in (await client.run(_describe_on_worker, name)).values() if d]
+        found = [d for d in (await _run_on_workers(client, _describe_on_worker, name))[0].values() if d]
         described = found[0] if found else "a definition the workers hold"
     return described
 
@@ -231,7 +296,7 @@ def install(
 # -- inspection -----------------------------------------------------------------
 async def _snapshots(client: Client, workers: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
-    for snap in (await client.run(_snapshot_on_worker, workers=workers)).values():
+    for snap in (await _run_on_workers(client, _snapshot_on_worker, workers=workers))[0].values():
         rows.extend(snap)
     return rows
 
@@ -309,7 +374,7 @@ async def _require_known(client: Client, name: str, rows: list[dict]) -> None:
         raise ContextUsageError(f"context name must be a string, got {type(name).__name__}: {name!r}")
     known = await _known_names(client, rows)
     if name not in known:
-        if not any((await client.run(_has_plugin_on_worker)).values()):
+        if not any((await _run_on_workers(client, _has_plugin_on_worker))[0].values()):
             raise PluginNotInstalledError(
                 f"Context {name!r} is unknown because ContextWorkerPlugin is not installed on any worker: "
                 "call dask_pervasive.install(client, contexts) first"
@@ -338,7 +403,8 @@ async def _check_workers(client: Client, workers: Iterable[str] | None) -> list[
 async def _evict(client: Client, name: str, workers: Iterable[str] | None) -> dict[str, str]:
     await _require_known(client, name, await _snapshots(client))
     workers = await _check_workers(client, workers)
-    return await client.run(_evict_on_worker, name, workers=workers)
+    result, left = await _run_on_workers(client, _evict_on_worker, name, workers=workers)
+    return {**result, **dict.fromkeys(left, "left")}
 
 
 def evict(client: Client, name: str, workers: Iterable[str] | None = None) -> dict[str, str]:
@@ -346,7 +412,8 @@ def evict(client: Client, name: str, workers: Iterable[str] | None = None) -> di
 
     Returns
     -------
-    ``{worker: "evicted" | "not-resident" | "in-use" | "unknown"}``
+    ``{worker: "evicted" | "not-resident" | "in-use" | "unknown" | "left"}``
+    (``"left"``: the worker left the cluster during the call).
     """
     return client.sync(_evict, client, name, workers)
 
@@ -389,27 +456,42 @@ async def _prewarm(client, name, n_workers, workers, progress) -> list[str]:
         want = len(cold) if n_workers is None else max(0, n_workers - len(resident))
         targets = cold[:want]
     if not targets:
-        return resident if workers is None else []
+        return WorkerList(resident if workers is None else [])
 
-    async def warm_one(w: str) -> str:
-        await client.run(_prewarm_on_worker, name, workers=[w])
-        return w
+    async def warm_one(w: str) -> tuple[str, BaseException | None]:
+        try:
+            done, _ = await _run_on_workers(client, _prewarm_on_worker, name, workers=[w])
+        except Exception as exc:  # noqa: BLE001 - reported once every worker has finished
+            return w, exc
+        return w, None if w in done else _Left()
 
-    errors: list[BaseException] = []
+    errors: list[tuple[str, BaseException]] = []
+    left: list[str] = []
     warm: set[str] = set(resident) if workers is None else set()
     with _progress_bar(progress, total=len(targets), desc=f"prewarm {name}", unit="worker") as bar:
         for fut in asyncio.as_completed([warm_one(w) for w in targets]):
-            try:
-                warm.add(await fut)
-            except Exception as exc:  # noqa: BLE001 - reported once every worker has finished
-                errors.append(exc)
+            w, exc = await fut
+            if exc is None:
+                warm.add(w)
+            elif isinstance(exc, _Left):
+                left.append(w)
+            else:
+                errors.append((w, exc))
             bar.update()
     if errors:
-        first = errors[0]
-        if isinstance(first, PervasiveError):
+        w, first = errors[0]
+        if isinstance(first, PervasiveError) and type(first) is not PervasiveError:
             raise first
-        raise ContextLoadError(name, "?", None, first) from first
-    return sorted(warm)
+        cause = first.__cause__ if type(first) is PervasiveError and first.__cause__ is not None else first
+        raise ContextLoadError(name, w, None, cause) from cause
+    if left:
+        logger.warning("pervasive: prewarm of %r skipped %s, which left the cluster", name, ", ".join(sorted(left)))
+    present = set((await client.scheduler.identity(n_workers=-1))["workers"]) if workers is None else None
+    return WorkerList(sorted(w for w in warm if present is None or w in present), left)
+
+
+class _Left(Exception):
+    """Marks a prewarm target that left the cluster."""
 
 
 def prewarm(
@@ -432,7 +514,9 @@ def prewarm(
 
     Returns
     -------
-    The workers on which the context is resident afterwards (of those asked).
+    The workers on which the context is resident afterwards (of those asked),
+    as a list whose ``left`` attribute names the targets that left the
+    cluster during the call (skipped: the others are still warmed).
 
     Raises
     ------

@@ -8,12 +8,17 @@ when the object being measured is already a torch object.
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import logging
 import os
 import re
 import sys
+import types
 from typing import Any
 
 from dask.sizeof import sizeof
+
+logger = logging.getLogger(__name__)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -98,39 +103,115 @@ def device_total_memory(device: str) -> int | None:
     return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
 
 
-def _tensor_bytes(tensors) -> tuple[int, int]:
-    host = dev = 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        if t.device.type == "cpu" or t.device.type == "meta":
-            host += n
-        else:
-            dev += n
-    return host, dev
+#: Objects visited by :func:`measure_nbytes` before the rest is estimated shallowly
+#: with ``dask.sizeof`` (bounds the cost of measuring, e.g., a list of a million floats).
+MEASURE_MAX_OBJECTS = 200_000
+
+_SCALARS = (int, float, complex, bool, str, bytes, bytearray, type(None))
+_OPAQUE = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.CodeType)
 
 
 def measure_nbytes(obj: Any) -> tuple[int, int]:
-    """Estimate ``(host_bytes, device_bytes)`` held by a loaded context.
+    """Measure ``(host_bytes, device_bytes)`` held by a loaded context, deeply.
 
-    torch modules and tensors are measured from their parameters, buffers
-    and storage device; an object with a ``.model`` attribute (as returned by
-    :class:`~dask_pervasive.TransformersContext`) is measured through it;
-    anything else through :func:`dask.sizeof.sizeof`.
+    Walks the object graph reachable from ``obj``: containers (dicts, lists,
+    tuples, sets), objects' attributes (``__dict__`` and ``__slots__``),
+    torch modules (their parameters and buffers) and tensors (by storage and
+    device), numpy arrays (by the buffer they own, so views are not counted
+    twice); every object is counted once. Objects for which
+    :func:`dask.sizeof.sizeof` has a specific handler (pandas, pyarrow, ...)
+    are measured with it, objects defining their own ``__sizeof__`` by it;
+    modules, classes and functions are not walked into.
+    After :data:`MEASURE_MAX_OBJECTS` objects the rest is estimated from a
+    sample with :func:`dask.sizeof.sizeof`, as are large containers of plain
+    values.
     """
+    np = sys.modules.get("numpy")
     torch = sys.modules.get("torch")
-    if torch is not None:
-        target = getattr(obj, "model", obj)
-        if isinstance(target, torch.nn.Module):
-            seen = {id(p): p for p in target.parameters()}
-            seen.update({id(b): b for b in target.buffers()})
-            return _tensor_bytes(seen.values())
-        if isinstance(obj, torch.Tensor):
-            return _tensor_bytes([obj])
-    return int(sizeof(obj)), 0
+    default_sizeof = sizeof.dispatch(object)
+    seen: set[int] = set()
+    storages: set[tuple[str, int]] = set()
+    host = dev = 0
+    stack = [obj]
+    visited = 0
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        visited += 1
+        if visited > MEASURE_MAX_OBJECTS:
+            # Estimate what is left from a sample, as dask.sizeof does for large collections.
+            rest = [o, *stack]
+            sample = rest[:: max(1, len(rest) // 100)]
+            host += int(sum(sizeof(x) for x in sample) * len(rest) / len(sample))
+            break
+        if isinstance(o, _SCALARS):
+            host += sys.getsizeof(o)
+        elif isinstance(o, _OPAQUE):
+            continue
+        elif torch is not None and isinstance(o, torch.Tensor):
+            h, d = _tensor_bytes(o, storages)
+            host, dev = host + h, dev + d
+        elif torch is not None and isinstance(o, torch.nn.Module):
+            stack.extend(o.parameters())
+            stack.extend(o.buffers())
+            # Plus tensors/arrays/objects kept as plain attributes (not registered as buffers);
+            # the module's own bookkeeping (hooks, flags, sizes) is not counted.
+            stack.extend(v for k, v in vars(o).items() if not k.startswith("_") and not isinstance(v, _SCALARS))
+        elif np is not None and isinstance(o, np.ndarray):
+            root = o
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            if id(root) not in seen or root is o:
+                seen.add(id(root))
+                host += root.nbytes if root.base is None else o.nbytes
+        elif isinstance(o, (dict, list, tuple, set, frozenset)):
+            items = list(o.values()) if isinstance(o, dict) else o
+            if len(o) > 1024 and all(isinstance(x, _SCALARS) for x in itertools.islice(items, 64)):
+                host += int(sizeof(o))  # a large container of plain values: dask samples it
+                continue
+            host += sys.getsizeof(o)
+            if isinstance(o, dict):
+                stack.extend(o.keys())
+            stack.extend(items)
+        elif sizeof.dispatch(type(o)) is not default_sizeof:
+            host += int(sizeof(o))
+        elif type(o).__sizeof__ is not object.__sizeof__:
+            host += int(o.__sizeof__())  # the object says how big it is: trusted, not walked
+        else:
+            host += sys.getsizeof(o)
+            attrs = getattr(o, "__dict__", None)
+            if isinstance(attrs, dict):
+                stack.append(attrs)
+            for cls in type(o).__mro__:
+                for slot in cls.__dict__.get("__slots__", ()):
+                    if isinstance(slot, str) and hasattr(o, slot):
+                        stack.append(getattr(o, slot))
+    return host, dev
+
+
+def _tensor_bytes(t: Any, storages: set[tuple[str, int]]) -> tuple[int, int]:
+    """Bytes of ``t``'s storage (once per storage: views and tied weights share one)."""
+    try:
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        n = storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # tensors without a storage (meta, sparse, ...)
+        key, n = (str(t.device), id(t)), t.numel() * t.element_size()
+    if key[1] and key in storages:
+        return 0, 0
+    storages.add(key)
+    return (n, 0) if t.device.type in ("cpu", "meta") else (0, n)
 
 
 def release_device_memory() -> None:
     """Return cached CUDA blocks to the driver after a context is dropped."""
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # a broken CUDA runtime must not turn a clean-up into a failure
+        logger.debug("could not release CUDA memory", exc_info=True)

@@ -170,6 +170,12 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         wc.state = state
         wc.files = bool(msg.get("files"))
         wc.loads = msg.get("loads", wc.loads)
+        declared = msg.get("declared_bytes")
+        if declared and plan.size is None:  # known before the first load: placement avoids too small workers
+            plan.size = (int(declared[0]), int(declared[1]))
+            if plan.pending:
+                self._stale.add(name)
+                self._schedule_replan()
         if wc.state is State.RESIDENT:
             wc.host_bytes, wc.device_bytes = msg.get("host_bytes", 0), msg.get("device_bytes", 0)
             plan.size = (wc.host_bytes, wc.device_bytes)

@@ -6,11 +6,13 @@ import asyncio
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Iterable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ._protocol import (
@@ -34,6 +36,13 @@ if TYPE_CHECKING:
     from distributed import Worker
 
 logger = logging.getLogger(__name__)
+
+#: Caches of plugins just removed from a running worker, for the plugin replacing them.
+_HANDOVER: weakref.WeakKeyDictionary[Worker, ContextCache] = weakref.WeakKeyDictionary()
+_CLOSING = (Status.closing, Status.closed, Status.closing_gracefully, Status.failed)
+
+#: Worker task states in which the task's thread may still run (and hold contexts).
+_THREAD_STATES = ("executing", "long-running", "cancelled", "resumed")
 
 # Re-exported: imported from here by callers older than _protocol/_settings.
 __all__ = [
@@ -153,32 +162,51 @@ class ContextWorkerPlugin(WorkerPlugin):
             from distributed.system import MEMORY_LIMIT
 
             memory_limit = MEMORY_LIMIT
-        self.cache = ContextCache(
-            address=worker.address,
-            cache_dir=cache_dir,
-            max_bytes=resolve_budget(settings.max_bytes, memory_limit),
-            device_max_bytes=self._device_budget,
-            retry_failed_after=settings.retry_failed_after,
-            budget_wait=settings.budget_wait,
-            transfer=transfer,
-            on_change=self._publish,
-        )
+        budgets = {
+            "cache_dir": cache_dir,
+            "max_bytes": resolve_budget(settings.max_bytes, memory_limit),
+            "device_max_bytes": self._device_budget,
+            "retry_failed_after": settings.retry_failed_after,
+            "budget_wait": settings.budget_wait,
+            "transfer": transfer,
+            "on_change": self._publish,
+        }
+        # A plugin replacing ours (dp.install on workers started with --preload, a second
+        # registration) adopts the cache: resident contexts, and the objects running tasks
+        # hold, survive; the new budgets and settings apply from now on.
+        adopted = _HANDOVER.pop(worker, None)
+        if adopted is not None:
+            self.cache = adopted
+            adopted.reconfigure(**budgets)
+        else:
+            self.cache = ContextCache(address=worker.address, **budgets)
         # Context files: from peers first (coordinated by the scheduler plugin), else the origin;
         # served to peers, also while this worker is still copying them.
         server = ContextServer(worker, self.cache, transfer)
         server.install()
         self.cache.fetcher = peer_fetcher(worker, transfer, server)
-        for ctx in self.contexts:
-            self.cache.declare(ctx)
         # Contexts registered (dp.register) before this plugin was set up, or kept
         # across a replacement of this plugin (e.g. dp.install after a --preload).
-        for other in list(worker.plugins.values()):
-            if isinstance(other, ContextDeclaration):
-                self.cache.declare(other.context)
+        declared = [
+            *self.contexts,
+            *(p.context for p in list(worker.plugins.values()) if isinstance(p, ContextDeclaration)),
+        ]
+        conflicts = []
+        for ctx in declared:
+            try:
+                self.cache.declare(ctx)
+            except ContextDefinitionError as exc:  # the resident definition is kept
+                conflicts.append(str(exc))
         worker.metrics[HEARTBEAT_KEY] = worker_heartbeat_metrics
         worker.handlers[WorkerHandler.STATE.value] = self._handle_state
         worker.handlers[WorkerHandler.PREWARM.value] = self._handle_prewarm
-        self._publish_budgets()
+        if adopted is not None:
+            self.cache.enforce_budgets()  # the new budgets may be smaller: evict idle contexts
+        # Budgets and every context (with its declared size): the scheduler plugin keeps a
+        # context's tasks off workers too small for it before anything is loaded.
+        self.announce()
+        if conflicts:
+            raise ContextDefinitionError("; ".join(conflicts))
 
     def _publish_budgets(self) -> None:
         """Tell the scheduler plugin how much room this worker has for contexts."""
@@ -206,7 +234,12 @@ class ContextWorkerPlugin(WorkerPlugin):
         return {
             "max_bytes": self.cache.max_bytes if self.cache is not None else None,
             "device_max_bytes": self._known_device_budget(),
-            "contexts": self.cache.snapshot() if self.cache is not None else [],
+            "contexts": [
+                {**row, "declared_bytes": declared_bytes(self.cache.entries[row["context"]])}
+                for row in self.cache.snapshot()
+            ]
+            if self.cache is not None
+            else [],
         }
 
     def announce(self) -> None:
@@ -244,17 +277,40 @@ class ContextWorkerPlugin(WorkerPlugin):
 
     def teardown(self, worker: Worker) -> None:
         worker.metrics.pop(HEARTBEAT_KEY, None)
-        if self.cache is not None:
-            self.cache.close()
+        cache, self.cache = self.cache, None
+        if cache is None:
+            return
+        if worker.status in _CLOSING:
+            cache.close()
+            return
+        # Removed from a running worker: distributed tears the old plugin down right before
+        # it sets up its replacement (Worker.plugin_add), in the same loop iteration. Hand
+        # the cache over; close it only if no replacement took it (a plain unregister).
+        cache.on_change = None
+        _HANDOVER[worker] = cache
+
+        def close_if_orphaned() -> None:
+            if _HANDOVER.get(worker) is cache:
+                del _HANDOVER[worker]
+                cache.close()
+
+        asyncio.get_running_loop().call_soon(close_if_orphaned)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        # A task that leaves the executing state releases the contexts it held.
-        running = ("executing", "long-running")
-        if start in running and finish not in running and self.cache is not None:
-            spans = self.cache.load_spans.pop(key, None)
-            if spans:
-                self._exclude_load_time(key, spans)
-            self.cache.release(key)
+        # Pins follow the task's thread: a task cancelled while it runs (or loads its
+        # context) is reported as executing -> released but stays "cancelled" until its
+        # thread returns, and may pin a context after that report. So release whenever
+        # the task is, after any transition, no longer running a thread here
+        # (memory, error, released, forgotten, rescheduled, ...).
+        if self.cache is None or finish in _THREAD_STATES:
+            return
+        ts = self.worker.state.tasks.get(key) if self.worker is not None else None
+        if ts is not None and ts.state in _THREAD_STATES:
+            return
+        spans = self.cache.load_spans.pop(key, None)
+        if spans and start in ("executing", "long-running"):
+            self._exclude_load_time(key, spans)
+        self.cache.release(key)
 
     def _exclude_load_time(self, key: Any, spans: list[tuple[float, float]]) -> None:
         """Take time spent in get_context loads out of the task's compute duration.
@@ -294,6 +350,7 @@ class ContextWorkerPlugin(WorkerPlugin):
                 "load_seconds": entry.counters.load_seconds,
                 "last_load_seconds": entry.last_load_seconds,
                 "last_fetch_seconds": entry.last_fetch_seconds,
+                "declared_bytes": declared_bytes(entry),
             },
         )
 
@@ -316,8 +373,21 @@ class ContextDeclaration(WorkerPlugin):
     def setup(self, worker: Worker) -> None:
         # A plugin set up later finds this one in worker.plugins (see ContextWorkerPlugin.setup).
         plugin = plugin_on(worker)
-        if plugin is not None:
-            plugin.cache.declare(self.context)
+        if plugin is not None and plugin.cache.declare(self.context):
+            plugin._publish(plugin.cache.entries[self.context.name])  # its declared size, for placement
+
+
+def declared_bytes(entry: ContextEntry) -> tuple[int, int] | None:
+    """``(host, device)`` bytes the context declares (``nbytes``), ``None`` when undeclared.
+
+    ``device="auto"`` counts on the device only once this worker resolved it
+    to a GPU (resolving imports torch): until then it counts on the host.
+    """
+    nbytes = entry.context.nbytes
+    if nbytes is None:
+        return None
+    device = entry.device or entry.context.device
+    return (0, nbytes) if device.startswith("cuda") else (nbytes, 0)
 
 
 def plugin_on(worker: Worker) -> ContextWorkerPlugin | None:

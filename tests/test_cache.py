@@ -106,7 +106,10 @@ def test_in_use_context_is_not_evicted_until_released(tmp_path):
     # "b" does not fit while t1 holds "a": its load waits for the release (budget-wait)
     loader = threading.Thread(target=cache.acquire, args=("b", "t2"))
     loader.start()
-    time.sleep(0.2)
+    # Wait for the loader to be in its wait for room (a condition, not a margin).
+    deadline = time.monotonic() + 10
+    while cache.entries["b"].state.value != "loading" and time.monotonic() < deadline:
+        time.sleep(0.01)
     states = {r["context"]: r["state"] for r in cache.snapshot()}
     assert states == {"a": "resident", "b": "loading"}
     cache.release("t1")
@@ -160,7 +163,7 @@ def test_failed_load_raises_and_fails_fast(tmp_path):
         calls.append(1)
         raise OSError("disk on fire")
 
-    cache = make_cache(tmp_path, retry_failed_after=0.3)
+    cache = make_cache(tmp_path, retry_failed_after=60)
     cache.declare(dp.Context("bad", load=broken, device="cpu"))
     with pytest.raises(dp.ContextLoadError) as info:
         cache.acquire("bad")
@@ -170,7 +173,7 @@ def test_failed_load_raises_and_fails_fast(tmp_path):
     with pytest.raises(dp.ContextLoadError):  # within the window: no second attempt
         cache.acquire("bad")
     assert len(calls) == 1
-    time.sleep(0.35)
+    cache.retry_failed_after = 0  # the window is over (without sleeping through a timing margin)
     with pytest.raises(dp.ContextLoadError):
         cache.acquire("bad")
     assert len(calls) == 2

@@ -44,7 +44,12 @@ def test_measure_torch_module():
     torch = pytest.importorskip("torch")
     m = torch.nn.Linear(10, 10)
     assert devices.measure_nbytes(m) == ((100 + 10) * 4, 0)
-    assert devices.measure_nbytes(dp.LoadedModel(m, None, "cpu")) == (440, 0)
+    # The wrapper is walked too: its parameters plus the wrapper's own few hundred bytes.
+    host, dev = devices.measure_nbytes(dp.LoadedModel(m, None, "cpu"))
+    assert 440 < host < 440 + 2048 and dev == 0
+    tied = torch.nn.Sequential(m, m)  # one module twice, a view of a weight: counted once
+    host, dev = devices.measure_nbytes({"a": tied, "b": m.weight[:5]})
+    assert 440 < host < 440 + 2048 and dev == 0
 
 
 def test_device_budget_applies(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import threading
 import time
 
 import dask
@@ -29,6 +30,17 @@ def annotated(x):
 @dp.uses_context("v")
 def decorated(model, x):
     return model["value"] + x
+
+
+HELD, RELEASE = threading.Event(), threading.Event()
+
+
+def hold_until_released(x):
+    """Holds context "v" until the test sets RELEASE (in-process workers share the events)."""
+    dp.get_context("v")
+    HELD.set()
+    assert RELEASE.wait(30)
+    return x
 
 
 async def total(c, key, context=None):
@@ -169,15 +181,15 @@ async def test_prewarm_where_evict(c, s, a, b, w3):
 async def test_evict_refuses_in_use(c, s, a):
     await dp.install(c, [VALUE], scheduler=False)
 
-    def hold(x):
-        dp.get_context("v")
-        time.sleep(1)
-        return x
-
-    fut = c.submit(hold, 1)
-    while not (await dp.where(c))["v"]["resident"]:
-        await asyncio.sleep(0.05)
-    assert await dp.evict(c, "v") == {a.address: "in-use"}
+    HELD.clear()
+    RELEASE.clear()
+    fut = c.submit(hold_until_released, 1)
+    while not HELD.is_set():  # the task holds the context until we release it: no timing margin
+        await asyncio.sleep(0.01)
+    try:
+        assert await dp.evict(c, "v") == {a.address: "in-use"}
+    finally:
+        RELEASE.set()
     await fut
     assert await dp.evict(c, "v") == {a.address: "evicted"}
 
@@ -186,7 +198,13 @@ async def test_evict_refuses_in_use(c, s, a):
 async def test_state_events_reach_scheduler(c, s, a):
     await dp.install(c, [VALUE], scheduler=False)
     await c.submit(use_value, 1)
-    await asyncio.sleep(0.2)
+
+    def states_seen():
+        return [m["state"] for _, m in s.get_events("pervasive") if m["action"] == "context-state"]
+
+    deadline = time.monotonic() + 10
+    while "resident" not in states_seen() and time.monotonic() < deadline:  # events travel asynchronously
+        await asyncio.sleep(0.01)
     events = [m for _, m in s.get_events("pervasive")]
     states = [m["state"] for m in events if m["action"] == "context-state"]
     assert states[-2:] == ["loading", "resident"]

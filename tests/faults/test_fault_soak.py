@@ -49,7 +49,15 @@ def _part_files(root: str) -> list[str]:
 
 
 def _inject(kind: str, client, cluster, rng) -> str:
-    workers = running_workers(client)
+    # The scheduler may list a replacement worker before its status turns "running" (and
+    # none at all for a moment after a retirement): wait for one instead of assuming it.
+    workers: list[str] = []
+
+    def some_running() -> bool:
+        workers[:] = running_workers(client)
+        return bool(workers)
+
+    wait_until(some_running, 60, "a running worker to inject a fault into", interval=0.05)
     if kind == "kill":
         victim = rng.choice(workers)
         sigkill(client, victim)  # the nanny starts a replacement
