@@ -84,6 +84,7 @@ class ContextPlan:
     size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
     warm_placements: int = 0  #: workers added to the set that already held the context
     cold_placements: int = 0  #: workers added that had to load it
+    timed: bool = False  #: one of its tasks finished: Dask knows a duration (re-plan then: sets may grow)
 
 
 def find_context(run_spec: Any, budget: int = 64) -> str | None:
@@ -213,6 +214,12 @@ class PlacementPlanner:
         ts = self.scheduler.tasks.get(key)
         if ts is None:
             return
+        plan = self.plans.get(self.task_context.get(key, ""))
+        if plan is not None and not plan.timed:
+            # Until now its task time was a lower bound (0 before any ran): only warm workers could join.
+            plan.timed = True
+            if plan.pending:
+                self._schedule_replan()
         average = ts.prefix.duration_average
         if average <= _MIN_TIMED:
             return  # too short to tell speeds apart from scheduling noise
