@@ -42,7 +42,7 @@ PLACEABLE = ("released", "waiting", "no-worker", "processing")
 _EWMA = 0.5
 _SPEED_EWMA = 0.2  #: task times are noisy: a slower average than for loads
 _SPEED_TOLERANCE = 0.1  #: a worker's view is rebuilt when its speed moved more than this
-_MIN_TIMED = 5e-3  #: seconds: prefixes shorter than this do not measure speeds
+_MIN_TIMED = 5e-3  #: seconds: tasks shorter than this do not measure speeds
 _SAMPLE = 32  #: pending tasks looked at for a context's task time
 _TIMINGS = 4096  #: re-plan timings kept
 
@@ -65,7 +65,7 @@ class WorkerContext:
 class WorkerRates:
     """What the scheduler measured of one worker, for the planner."""
 
-    speed: float = 1.0  #: EWMA of task seconds relative to its prefix's average (2.0: twice slower)
+    speed: float = 1.0  #: EWMA of task seconds relative to the mean of their prefix (2.0: twice slower)
     planned_speed: float = 1.0  #: the speed its current planner view uses (changes past a tolerance)
     tasks: int = 0
     load_factor: float = 1.0  #: EWMA of its load seconds relative to the context's average
@@ -220,12 +220,18 @@ class PlacementPlanner:
             plan.timed = True
             if plan.pending:
                 self._schedule_replan()
-        average = ts.prefix.duration_average
-        if average <= _MIN_TIMED:
-            return  # too short to tell speeds apart from scheduling noise
         compute = sum(s["stop"] - s["start"] for s in startstops if s.get("action") == "compute")
-        if compute <= 0:
-            return
+        if compute <= _MIN_TIMED:
+            return  # too short to tell speeds apart from scheduling noise
+        # Against the running mean of the prefix over all workers (Dask's own average follows the
+        # latest tasks, so it swings between fast and slow workers).
+        totals = self.__dict__.setdefault("_prefix_seconds", {})
+        total = totals.get(ts.prefix.name)
+        if total is None:
+            total = totals[ts.prefix.name] = [0.0, 0]
+        total[0] += compute
+        total[1] += 1
+        average = total[0] / total[1]
         r = self.rates.setdefault(worker, WorkerRates())
         r.speed = ewma(r.speed if r.tasks else None, min(max(compute / average, 0.1), 10.0), _SPEED_EWMA)
         r.tasks += 1
