@@ -53,6 +53,7 @@ from distributed import Client, Future, LocalCluster, get_worker, wait
 
 import dask_pervasive as dp
 from dask_pervasive.bench.placement import sleep_load
+from dask_pervasive.bench.report import say
 
 WORKERS = 64
 CONTEXTS = 4
@@ -122,6 +123,7 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
     if plugin is None:
         return None
     samples = sorted(plugin.replan_seconds)
+    cpu = sorted(plugin.replan_cpu_seconds)
     hooks = getattr(plugin, "_bench_hooks", {})
     out: dict[str, Any] = {"replans": len(samples)}
     if samples:
@@ -129,6 +131,9 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
             replan_p50_ms=round(1e3 * statistics.median(samples), 3),
             replan_p99_ms=round(1e3 * samples[min(len(samples) - 1, int(0.99 * len(samples)))], 3),
             replan_max_ms=round(1e3 * samples[-1], 3),
+            replan_cpu_p50_ms=round(1e3 * statistics.median(cpu), 3),
+            replan_cpu_p99_ms=round(1e3 * cpu[min(len(cpu) - 1, int(0.99 * len(cpu)))], 3),
+            replan_cpu_max_ms=round(1e3 * cpu[-1], 3),
         )
     out.update(
         hook_max_ms=round(1e3 * hooks.get("max", 0.0), 3),
@@ -266,7 +271,9 @@ def run_scale(
         "grid": [],
     }
     for case in cases:
-        out["cases"][case] = run_case(case, workers, contexts, tasks, task_seconds, load_seconds, churn)
+        out["cases"][case] = run = run_case(case, workers, contexts, tasks, task_seconds, load_seconds, churn)
+        say(f"  {case}: {run['makespan_s']} s, {run['loads']} loads, {run['timings'] or 'no plugin'}")
     for w, c in grid or ():
-        out["grid"].append(run_case(f"grid-{w}x{c}", w, c, 10 * w, GRID_TASK_SECONDS, load_seconds / 4, churn))
+        out["grid"].append(run := run_case(f"grid-{w}x{c}", w, c, 10 * w, GRID_TASK_SECONDS, load_seconds / 4, churn))
+        say(f"  {run['case']}: {run['makespan_s']} s, {run['loads']} loads, {run['timings']}")
     return out
