@@ -337,6 +337,9 @@ def check_scale(r: dict[str, Any]) -> list[dict[str, Any]]:
                     (t["replan_p99_ms"] <= 5 and t["replan_max_ms"] <= 50) if big else None,
                 )
             )
+            if "replan_cpu_p50_ms" in t:
+                cpu = f"{t['replan_cpu_p50_ms']}/{t['replan_cpu_p99_ms']}/{t['replan_cpu_max_ms']}"
+                rows.append(check(tag, f"{name}: re-plan CPU p50/p99/max ms", cpu, "", None))
             rows.append(
                 check(
                     tag,
