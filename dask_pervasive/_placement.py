@@ -1,12 +1,23 @@
-"""Placement planning: affinity sets and the cost model behind them.
+"""Placement planning glue: the scheduler's state turned into planner views, decisions applied.
 
 The scheduler plugin (:mod:`dask_pervasive.scheduler`) feeds this with what
 workers report and with the tasks it sees; :class:`PlacementPlanner` decides
 which workers each context's pending tasks are restricted to. Each context
 with pending tasks has an *affinity set*: workers where it is resident plus
-cold workers chosen to warm. A set grows while the expected finish time of
-the backlog on it (:func:`finish_time`) exceeds the cost of warming another
-worker, only onto workers with room in their memory budget.
+cold workers chosen to warm. All sets are planned together by the pure joint
+planner of :mod:`dask_pervasive._planner` (its docstring states the model and
+the cost per decision); this module builds its :class:`~dask_pervasive._planner.WorkerView`
+and :class:`~dask_pervasive._planner.ContextView` inputs, measures per-worker
+task speed and load times, and applies the result (restrictions, placement
+events, prewarm requests).
+
+Cost per re-plan, besides the planner's: ``O(C)`` context views (task time
+from a sample of at most ``_SAMPLE`` pending tasks, not all of them), and
+``O(W)`` worker views of which only those whose state changed since the last
+plan (or with a load running or a recent failure, whose numbers age) are
+rebuilt, each in ``O(h)`` (contexts it holds). Applying a changed set
+re-restricts that context's pending tasks (``O(pending)``); otherwise only new
+keys are restricted.
 """
 
 from __future__ import annotations
@@ -14,22 +25,29 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import EVENT_TOPIC, HOLDING_STATES, WARMING_STATES, Action, State, warm_map_entry
+from ._planner import Addition, ContextView, Holding, Planner, PlannerSettings, WorkerView
+from ._protocol import EVENT_TOPIC, WARMING_STATES, Action, State, warm_map_entry
 from .context import context_of
 
 if TYPE_CHECKING:
     from distributed import Scheduler
-    from distributed.scheduler import TaskState, WorkerState
+    from distributed.scheduler import TaskState
 
 logger = logging.getLogger("dask_pervasive.scheduler")
 
 #: Task states whose restrictions we may still change.
 PLACEABLE = ("released", "waiting", "no-worker", "processing")
 _EWMA = 0.5
+_SPEED_EWMA = 0.2  #: task times are noisy: a slower average than for loads
+_SPEED_TOLERANCE = 0.1  #: a worker's view is rebuilt when its speed moved more than this
+_MIN_TIMED = 5e-3  #: seconds: tasks shorter than this do not measure speeds
+_SAMPLE = 32  #: pending tasks looked at for a context's task time
+_TIMINGS = 4096  #: re-plan timings kept
 
 
 @dataclass
@@ -43,6 +61,18 @@ class WorkerContext:
     loads: int = 0
     failed_at: float | None = None
     loading_since: float = 0.0  #: monotonic time the current fetch/load started
+    load_seconds: float | None = None  #: EWMA of this worker's fetch + load of this context
+
+
+@dataclass
+class WorkerRates:
+    """What the scheduler measured of one worker, for the planner."""
+
+    speed: float = 1.0  #: EWMA of task seconds relative to the mean of their prefix (2.0: twice slower)
+    planned_speed: float = 1.0  #: the speed its current planner view uses (changes past a tolerance)
+    tasks: int = 0
+    load_factor: float = 1.0  #: EWMA of its load seconds relative to the context's average
+    loads: int = 0
 
 
 @dataclass
@@ -57,6 +87,7 @@ class ContextPlan:
     size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
     warm_placements: int = 0  #: workers added to the set that already held the context
     cold_placements: int = 0  #: workers added that had to load it
+    timed: bool = False  #: one of its tasks finished: Dask knows a duration (re-plan then: sets may grow)
 
 
 def find_context(run_spec: Any, budget: int = 64) -> str | None:
@@ -114,7 +145,9 @@ class PlacementPlanner:
     """The planning half of :class:`~dask_pervasive.ContextSchedulerPlugin` (a mixin).
 
     Works on the plugin's ``plans``, ``warm``, ``budgets``, ``settings`` and
-    ``scheduler``; the plugin calls :meth:`replan` and provides
+    ``scheduler``; the plugin calls :meth:`replan`, :meth:`_touch_worker` when
+    a worker reports, :meth:`_observe_finished` when a context task finishes,
+    :meth:`_forget_worker` when one leaves, and provides
     ``_prewarm_soon(addr, name)``.
     """
 
@@ -125,38 +158,222 @@ class PlacementPlanner:
     _stale: set[str]
     _fresh: dict[str, set]
 
-    def _ready_time(self, plan: ContextPlan, addr: str) -> float:
-        """Seconds until ``addr`` could run tasks of ``plan``."""
-        wc = self.warm[plan.name].get(addr)
-        load = plan.load_seconds if plan.load_seconds is not None else self.settings.default_load_seconds
-        if wc is None:
-            return load
-        if wc.state is State.RESIDENT:
-            return 0.0
-        if wc.state in WARMING_STATES:
-            return max(0.0, load - (time.monotonic() - wc.loading_since))
-        if wc.files:
-            return max(0.0, load - (plan.fetch_seconds or 0.0))
-        return load
+    # -- per-worker measurements ------------------------------------------------------
+    @property
+    def joint(self) -> Planner:
+        """The joint planner (built on first use from ``settings``; it keeps the hysteresis memory)."""
+        planner = self.__dict__.get("_joint")
+        if planner is None:
+            planner = self.__dict__["_joint"] = Planner(PlannerSettings.from_scheduler(self.settings))
+        return planner
 
-    def _holds(self, plan: ContextPlan, addr: str) -> bool:
-        wc = self.warm[plan.name].get(addr)
-        return addr in plan.members or (wc is not None and wc.state in HOLDING_STATES)
+    @property
+    def rates(self) -> dict[str, WorkerRates]:
+        """Per-worker measured task speed and load factor."""
+        rates = self.__dict__.get("_rates")
+        if rates is None:
+            rates = self.__dict__["_rates"] = {}
+        return rates
 
-    def _fits(self, plan: ContextPlan, addr: str, demand: list[ContextPlan]) -> bool:
-        host_budget, device_budget = self.budgets.get(addr, (None, None))
-        if host_budget is None and device_budget is None:
-            return True
-        others = [p for p in demand if p is not plan and self._holds(p, addr)]
-        if plan.size is None:
-            # Size unknown until the first load: give the context a worker of its own.
-            return not others
-        used_host = sum(p.size[0] if p.size else (host_budget or 0) for p in others)
-        used_device = sum(p.size[1] if p.size else (device_budget or 0) for p in others)
-        return (host_budget is None or used_host + plan.size[0] <= host_budget) and (
-            device_budget is None or used_device + plan.size[1] <= device_budget
+    @property
+    def replan_seconds(self) -> deque[float]:
+        """Wall seconds of the latest re-plans (bounded), for the overhead metrics and the benchmark."""
+        out = self.__dict__.get("_replan_seconds")
+        if out is None:
+            out = self.__dict__["_replan_seconds"] = deque(maxlen=_TIMINGS)
+        return out
+
+    @property
+    def replan_cpu_seconds(self) -> deque[float]:
+        """CPU seconds (this thread) of the same re-plans: on a loaded machine, wall time also counts waiting."""
+        out = self.__dict__.get("_replan_cpu_seconds")
+        if out is None:
+            out = self.__dict__["_replan_cpu_seconds"] = deque(maxlen=_TIMINGS)
+        return out
+
+    def _views_cache(self) -> dict[str, Any]:
+        cache = self.__dict__.get("_views")
+        if cache is None:
+            cache = self.__dict__["_views"] = {"version": {}, "views": {}, "by_worker": {}}
+        return cache
+
+    def _touch_worker(self, addr: str, name: str | None = None) -> None:
+        """``addr`` reported something (a context state, its budget): rebuild its view at the next plan."""
+        cache = self._views_cache()
+        cache["version"][addr] = cache["version"].get(addr, 0) + 1
+        if name is not None:
+            wc = self.warm.get(name, {}).get(addr)
+            if wc is not None:
+                cache["by_worker"].setdefault(addr, {})[name] = wc
+
+    def _forget_worker(self, addr: str) -> None:
+        cache = self._views_cache()
+        for part in cache.values():
+            part.pop(addr, None)
+        self.rates.pop(addr, None)
+
+    def _observe_load(self, plan: ContextPlan, addr: str, wc: WorkerContext, seconds: float) -> None:
+        """A load of ``plan`` on ``addr`` took ``seconds``: its own EWMA and its load factor."""
+        if plan.load_seconds:
+            r = self.rates.setdefault(addr, WorkerRates())
+            r.load_factor = ewma(r.load_factor if r.loads else None, seconds / plan.load_seconds)
+            r.loads += 1
+        wc.load_seconds = ewma(wc.load_seconds, seconds)
+        self._touch_worker(addr, plan.name)
+
+    def _observe_finished(self, key: Any, worker: str | None, startstops: Any) -> None:
+        """A context task finished on ``worker``: its compute time against its prefix's average."""
+        if not worker or not startstops or self.scheduler is None:
+            return
+        ts = self.scheduler.tasks.get(key)
+        if ts is None:
+            return
+        plan = self.plans.get(self.task_context.get(key, ""))
+        if plan is not None and not plan.timed:
+            # Until now its task time was a lower bound (0 before any ran): only warm workers could join.
+            plan.timed = True
+            if plan.pending:
+                self._schedule_replan()
+        compute = sum(s["stop"] - s["start"] for s in startstops if s.get("action") == "compute")
+        if compute <= _MIN_TIMED:
+            return  # too short to tell speeds apart from scheduling noise
+        # Against the running mean of the prefix over all workers (Dask's own average follows the
+        # latest tasks, so it swings between fast and slow workers).
+        totals = self.__dict__.setdefault("_prefix_seconds", {})
+        total = totals.get(ts.prefix.name)
+        if total is None:
+            total = totals[ts.prefix.name] = [0.0, 0]
+        total[0] += compute
+        total[1] += 1
+        average = total[0] / total[1]
+        r = self.rates.setdefault(worker, WorkerRates())
+        r.speed = ewma(r.speed if r.tasks else None, min(max(compute / average, 0.1), 10.0), _SPEED_EWMA)
+        r.tasks += 1
+        if abs(r.speed - r.planned_speed) > _SPEED_TOLERANCE * r.planned_speed:
+            r.planned_speed = r.speed
+            self._touch_worker(worker)
+
+    # -- views -------------------------------------------------------------------------
+    def _holding(self, wc: WorkerContext, now: float) -> Holding:
+        failed = (
+            wc.state is State.FAILED
+            and wc.failed_at is not None
+            and now - wc.failed_at < self.settings.retry_failed_after
+        )
+        resident = wc.state is State.RESIDENT
+        return Holding(
+            state=wc.state.value,
+            files=wc.files,
+            loading_for=now - wc.loading_since if wc.state in WARMING_STATES else 0.0,
+            load_seconds=wc.load_seconds,
+            host_bytes=wc.host_bytes if resident else None,
+            device_bytes=wc.device_bytes if resident else None,
+            failed_recently=failed,
         )
 
+    def _worker_views(self, now: float) -> list[WorkerView]:
+        """Views of the running workers; unchanged ones come from the cache."""
+        assert self.scheduler is not None
+        cache = self._views_cache()
+        versions, views, by_worker = cache["version"], cache["views"], cache["by_worker"]
+        out = []
+        for ws in self.scheduler.running:
+            addr = ws.address
+            version = versions.get(addr, 0)
+            cached = views.get(addr)
+            if cached is not None and cached[0] == version and not cached[2]:
+                out.append(cached[1])
+                continue
+            volatile = False
+            contexts = {}
+            for name, wc in by_worker.get(addr, {}).items():
+                if wc.state is State.ABSENT and not wc.files:
+                    continue
+                h = self._holding(wc, now)
+                volatile = volatile or wc.state in WARMING_STATES or h.failed_recently
+                contexts[name] = h
+            r = self.rates.get(addr)
+            host_budget, device_budget = self.budgets.get(addr, (None, None))
+            view = WorkerView(
+                addr,
+                nthreads=ws.nthreads,
+                speed=r.planned_speed if r is not None else 1.0,
+                load_factor=r.load_factor if r is not None else 1.0,
+                host_budget=host_budget,
+                device_budget=device_budget,
+                contexts=contexts,
+            )
+            views[addr] = (version, view, volatile)
+            out.append(view)
+        return out
+
+    def _context_views(self) -> list[ContextView]:
+        out = []
+        for plan in self.plans.values():
+            if not plan.pending and not plan.members:
+                continue
+            out.append(
+                ContextView(
+                    plan.name,
+                    pending=len(plan.pending),
+                    task_seconds=self._task_seconds(plan) if plan.pending else 0.0,
+                    load_seconds=plan.load_seconds,
+                    fetch_seconds=plan.fetch_seconds,
+                    size=plan.size,
+                    members=frozenset(plan.members),
+                )
+            )
+        return out
+
+    def _task_seconds(self, plan: ContextPlan) -> float:
+        """Median seconds per pending task, from a sample of them (see :meth:`_work`)."""
+        n = len(plan.pending)
+        sample = plan.pending if n <= _SAMPLE else itertools.islice(plan.pending, _SAMPLE)
+        work, counted = self._work(plan, sample)
+        return work / counted if counted else 0.0
+
+    def _work(self, plan: ContextPlan, keys: Iterable | None = None) -> tuple[float, int]:
+        """Thread-seconds of the pending work in ``keys`` (all pending by default), and how many were found.
+
+        Uses Dask's per-prefix duration average (from which worker plugins
+        removed load time). For a prefix never timed, Dask's 0.5 s default
+        would make short tasks look long and warm workers for nothing, so the
+        longest elapsed time of its tasks running on warm members is used: a
+        lower bound that grows while tasks run.
+        """
+        assert self.scheduler is not None
+        tasks = self.scheduler.tasks
+        per_prefix: dict[Any, float] = {}
+        total = 0.0
+        counted = 0
+        for key in plan.pending if keys is None else keys:
+            ts = tasks.get(key)
+            if ts is None:
+                continue
+            prefix = ts.prefix
+            d = per_prefix.get(prefix)
+            if d is None:
+                d = per_prefix[prefix] = (
+                    prefix.duration_average if prefix.duration_average >= 0 else self._elapsed(plan, prefix)
+                )
+            total += d
+            counted += 1
+        return total, counted
+
+    def _elapsed(self, plan: ContextPlan, prefix: Any) -> float:
+        assert self.scheduler is not None
+        longest = 0.0
+        for addr in plan.members:
+            ws = self.scheduler.workers.get(addr)
+            wc = self.warm.get(plan.name, {}).get(addr)
+            if ws is None or wc is None or wc.state is not State.RESIDENT:
+                continue  # still loading: elapsed time is load time, not task time
+            for ts, elapsed in ws.executing.items():
+                if ts.prefix is prefix and elapsed > longest:
+                    longest = elapsed
+        return longest
+
+    # -- planning ----------------------------------------------------------------------
     def _cannot_hold(self, plan: ContextPlan, addr: str) -> bool:
         """Whether the context alone exceeds ``addr``'s budgets (it would fail there with ContextTooLargeError)."""
         if plan.size is None:
@@ -184,88 +401,8 @@ class PlacementPlanner:
             )
             self.scheduler.transitions(moves, stimulus_id)
 
-    def _recently_failed(self, plan: ContextPlan, addr: str) -> bool:
-        wc = self.warm[plan.name].get(addr)
-        return (
-            wc is not None
-            and wc.state is State.FAILED
-            and wc.failed_at is not None
-            and time.monotonic() - wc.failed_at < self.settings.retry_failed_after
-        )
-
-    def _candidates(self, plan: ContextPlan, running: dict[str, WorkerState], demand: list[ContextPlan]):
-        """Workers outside the set that could join it, best first: ``(ready, addr)``."""
-        out = []
-        for addr, ws in running.items():
-            if addr in plan.members or self._recently_failed(plan, addr) or self._cannot_hold(plan, addr):
-                continue
-            ready = self._ready_time(plan, addr)
-            if ready > 0 and not self._fits(plan, addr, demand):
-                continue
-            crowding = sum(1 for p in demand if p is not plan and self._holds(p, addr))
-            out.append((ready, crowding, ws.occupancy / max(ws.nthreads, 1), addr))
-        out.sort()
-        return [(r, a) for r, _, _, a in out]
-
-    def _fallback_worker(self, plan: ContextPlan, running: dict[str, WorkerState], demand: list[ContextPlan]) -> str:
-        """No worker has room: share the least crowded one (its contexts will alternate)."""
-
-        def key(addr: str):
-            ws = running[addr]
-            crowd = sum(len(p.pending) for p in demand if p is not plan and self._holds(p, addr))
-            return (self._recently_failed(plan, addr), crowd, ws.occupancy / max(ws.nthreads, 1), addr)
-
-        able = [a for a in running if not self._cannot_hold(plan, a)]
-        return min(able or running, key=key)  # none can hold it: its tasks fail with ContextTooLargeError
-
-    def _work(self, plan: ContextPlan) -> float:
-        """Thread-seconds of pending work.
-
-        Uses Dask's per-prefix duration average (from which worker plugins
-        removed load time). For a prefix never timed, Dask's 0.5 s default
-        would make short tasks look long and warm workers for nothing, so the
-        longest elapsed time of its tasks running on warm members is used: a
-        lower bound that grows while tasks run.
-        """
-        assert self.scheduler is not None
-        tasks = self.scheduler.tasks
-        per_prefix: dict[Any, float] = {}
-        total = 0.0
-        for key in plan.pending:
-            ts = tasks.get(key)
-            if ts is None:
-                continue
-            prefix = ts.prefix
-            d = per_prefix.get(prefix)
-            if d is None:
-                d = per_prefix[prefix] = (
-                    prefix.duration_average if prefix.duration_average >= 0 else self._elapsed(plan, prefix)
-                )
-            total += d
-        return total
-
-    def _elapsed(self, plan: ContextPlan, prefix: Any) -> float:
-        assert self.scheduler is not None
-        longest = 0.0
-        for addr in plan.members:
-            ws = self.scheduler.workers.get(addr)
-            if ws is None or self._ready_time(plan, addr) > 0:
-                continue  # still loading: elapsed time is load time, not task time
-            for ts, elapsed in ws.executing.items():
-                if ts.prefix is prefix and elapsed > longest:
-                    longest = elapsed
-        return longest
-
-    def _members_finish(
-        self, plan: ContextPlan, running: dict[str, WorkerState], extra: tuple[float, str] | None, work: float
-    ) -> float:
-        ready = [(self._ready_time(plan, a), running[a].nthreads) for a in plan.members if a in running]
-        if extra is not None:
-            ready.append((extra[0], running[extra[1]].nthreads))
-        return finish_time(ready, work)
-
     def replan(self, stimulus_id: str) -> None:
-        """Recompute affinity sets of contexts with pending tasks and apply them.
+        """Recompute affinity sets of all contexts with pending tasks, jointly, and apply them.
 
         Restrictions are applied to all pending tasks of a context whose set
         changed or that is marked stale (tasks recomputed, left in no-worker,
@@ -274,84 +411,56 @@ class PlacementPlanner:
         scheduler = self.scheduler
         if scheduler is None:
             return
-        running = {ws.address: ws for ws in scheduler.running}
-        demand = sorted((p for p in self.plans.values() if p.pending), key=lambda p: -len(p.pending))
-        before = {p.name: set(p.members) for p in demand}
+        started, cpu = time.perf_counter(), time.thread_time()
+        now = time.monotonic()
         too_small: dict[str, set[str]] = {}
         for plan in self.plans.values():
-            plan.members &= running.keys()
             unfit = {a for a in plan.members if self._cannot_hold(plan, a)}
             if unfit:  # its size became known (declared or measured) after it joined
                 plan.members -= unfit
                 too_small[plan.name] = unfit
                 self._stale.add(plan.name)
+        result = self.joint.plan(self._worker_views(now), self._context_views(), now)
+        for name, decision in result.contexts.items():
+            plan = self.plans[name]
+            plan.members = set(decision.members)
+            for addition in decision.added:
+                self._placed(plan, addition)
             if not plan.pending:
-                plan.members.clear()  # forget reservations without demand
-            elif len(plan.members) > 1:
-                plan.members -= {a for a in plan.members if self._recently_failed(plan, a)} or set()
-        if not running or not demand:
-            return
-        # Every context in demand gets at least one worker: warm if possible.
-        for plan in demand:
-            if not plan.members:
-                cands = self._candidates(plan, running, demand)
-                pick = cands[0][1] if cands else self._fallback_worker(plan, running, demand)
-                self._add_member(plan, pick, "first worker")
-        # Grow where another worker shortens the backlog most.
-        work = {p.name: self._work(p) for p in demand}
-        for _ in range(len(running) * len(demand)):
-            best = None
-            for plan in demand:
-                if len(plan.pending) <= self.settings.prewarm_backlog * len(plan.members):
-                    continue
-                cands = self._candidates(plan, running, demand)
-                if not cands:
-                    continue
-                now = self._members_finish(plan, running, None, work[plan.name])
-                then = self._members_finish(plan, running, cands[0], work[plan.name])
-                gain = now - then
-                if cands[0][0] == 0:
-                    # Already warm: joining costs nothing, even before durations are known.
-                    gain = max(gain, 2e-3)
-                if gain > 1e-3 and (best is None or gain > best[0]):
-                    best = (gain, plan, cands[0][1], now, then)
-            if best is None:
-                break
-            gain, plan, addr, now, then = best
-            self._add_member(plan, addr, f"backlog finishes in {now:.1f}s, {then:.1f}s with {addr}")
-        for plan in demand:
-            if plan.name in self._stale or plan.members != before[plan.name]:
+                continue
+            if decision.changed or name in self._stale:
                 self._apply(plan, stimulus_id)
-            elif self._fresh.get(plan.name):
-                self._apply(plan, stimulus_id, self._fresh[plan.name])
+            elif self._fresh.get(name):
+                self._apply(plan, stimulus_id, self._fresh[name])
+        if self.settings.prewarm:
+            for addr, name in result.prewarm:
+                self._prewarm_soon(addr, name)
         self._stale.clear()
         self._fresh.clear()
         for name, unfit in too_small.items():  # after the new restrictions are in place
             self._move_off(self.plans[name], unfit, stimulus_id)
+        self.replan_seconds.append(time.perf_counter() - started)
+        self.replan_cpu_seconds.append(time.thread_time() - cpu)
 
-    def _add_member(self, plan: ContextPlan, addr: str, reason: str) -> None:
+    def _placed(self, plan: ContextPlan, addition: Addition) -> None:
+        """Count and log one worker joining a set."""
         assert self.scheduler is not None
-        plan.members.add(addr)
-        wc = self.warm[plan.name].get(addr)
-        cold = wc is None or wc.state not in HOLDING_STATES
-        if cold:
+        if addition.cold:
             plan.cold_placements += 1
         else:
             plan.warm_placements += 1
-        self.scheduler.log_event(
-            EVENT_TOPIC,
-            {
-                "action": Action.PLACEMENT.value,
-                "context": plan.name,
-                "added": addr,
-                "cold": cold,
-                "members": sorted(plan.members),
-                "pending": len(plan.pending),
-                "reason": reason,
-            },
-        )
-        if cold and self.settings.prewarm and len(plan.members) > 1:
-            self._prewarm_soon(addr, plan.name)
+        msg = {
+            "action": Action.PLACEMENT.value,
+            "context": plan.name,
+            "added": addition.worker,
+            "cold": addition.cold,
+            "members": sorted(plan.members),
+            "pending": len(plan.pending),
+            "reason": addition.reason,
+        }
+        if addition.evicts:
+            msg["evicts"] = list(addition.evicts)
+        self.scheduler.log_event(EVENT_TOPIC, msg)
 
     def _apply(self, plan: ContextPlan, stimulus_id: str, keys: Iterable | None = None) -> None:
         """Restrict pending tasks (or just ``keys``) to the affinity set; revive those left without a worker."""
@@ -382,5 +491,6 @@ class PlacementPlanner:
         }
 
 
-def ewma(old: float | None, new: float) -> float:
-    return new if old is None else _EWMA * new + (1 - _EWMA) * old
+def ewma(old: float | None, new: float, weight: float = _EWMA) -> float:
+    """Exponentially weighted moving average: ``new`` weighs ``weight``."""
+    return new if old is None else weight * new + (1 - weight) * old

@@ -4,11 +4,12 @@ Each context with pending tasks has an *affinity set*: workers where it is
 resident plus cold workers the plugin chose to warm. Its tasks get strict
 worker restrictions to that set, so Dask's own ``decide_worker`` and work
 stealing balance load *inside* the set (stealing never moves them out, which
-loose restrictions would allow). The set grows while the expected finish time
-of the backlog on it exceeds the cost of warming another worker, only onto
-workers with room in their memory budget, and is re-planned when workers
-leave, contexts fail or get evicted. The planning itself is in
-:mod:`dask_pervasive._placement`; this module is the plugin glue (events,
+loose restrictions would allow). All sets are planned jointly (a worker busy
+with one context looks busy to the others; a cold worker joins only when it
+pays for itself; sets shrink with hysteresis), onto workers with room in their
+memory budget, and re-planned when workers join or leave, contexts fail or get
+evicted. The model is in :mod:`dask_pervasive._planner`, its inputs and the
+applied result in :mod:`dask_pervasive._placement`; this module is the plugin glue (events,
 graph and task hooks, lifecycle).
 """
 
@@ -155,6 +156,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             return
         if action == Action.WORKER_BUDGET:
             self.budgets[worker] = (msg.get("max_bytes"), msg.get("device_max_bytes"))
+            self._touch_worker(worker)
         elif action == Action.CONTEXT_STATE:
             self._ingest_state(worker, msg)
 
@@ -162,6 +164,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         name = msg["context"]
         plan = self._plan_for(name)
         wc = self.warm[name].setdefault(worker, WorkerContext())
+        self._touch_worker(worker, name)
         previous_loads = wc.loads
         previous_state = wc.state
         state = State(msg["state"])
@@ -180,6 +183,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             wc.host_bytes, wc.device_bytes = msg.get("host_bytes", 0), msg.get("device_bytes", 0)
             plan.size = (wc.host_bytes, wc.device_bytes)
             if wc.loads > previous_loads and msg.get("last_load_seconds"):
+                self._observe_load(plan, worker, wc, msg["last_load_seconds"])
                 plan.load_seconds = ewma(plan.load_seconds, msg["last_load_seconds"])
                 plan.fetch_seconds = ewma(plan.fetch_seconds, msg.get("last_fetch_seconds", 0.0))
         elif wc.state is State.FAILED:
@@ -273,6 +277,8 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         plan = self.plans[name]
         if finish in ("memory", "erred"):
             plan.pending.discard(key)
+            if finish == "memory":
+                self._observe_finished(key, kwargs.get("worker"), kwargs.get("startstops"))
         elif finish == "forgotten":
             plan.pending.discard(key)
             del self.task_context[key]
@@ -294,6 +300,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         if self.transfer is not None:
             self.transfer.remove_worker(worker)  # frees its upload / origin slots
         self.budgets.pop(worker, None)
+        self._forget_worker(worker)
         for states in self.warm.values():
             states.pop(worker, None)
         lost = [p.name for p in self.plans.values() if worker in p.members]

@@ -105,15 +105,34 @@ def _add_placement(sub: Any) -> None:
     )
     parser.add_argument(
         "--scenario",
-        type=_csv(placement.SCENARIOS),
+        type=_csv((*placement.SCENARIOS, "scale")),
         default=list(placement.SCENARIOS),
         metavar="NAMES",
-        help=f"comma-separated subset of {', '.join(placement.SCENARIOS)} (default: all)",
+        help=f"comma-separated subset of {', '.join(placement.SCENARIOS)}, scale (default: all but scale)",
     )
     parser.add_argument("--out", default="docs/placement-results.json", help="JSON output path")
     parser.add_argument("--load-seconds", type=float, default=3.0, help="context load time (few, backlog, preempt)")
     parser.add_argument("--multi-load-seconds", type=float, default=1.0, help="load time of each multi context")
     parser.add_argument("--seed", type=int, default=0, help="seed of the multi task order")
+    from dask_pervasive.bench import scale
+
+    group = parser.add_argument_group("scale", "the scale scenario (dask_pervasive.bench.scale)")
+    group.add_argument("--workers", type=int, default=scale.WORKERS, help="in-process workers")
+    group.add_argument("--contexts", type=int, default=scale.CONTEXTS, help="contexts, tasks round-robin over them")
+    group.add_argument("--scale-tasks", type=int, default=scale.TASKS, help="tasks per case")
+    group.add_argument("--task-seconds", type=float, default=scale.TASK_SECONDS, help="seconds per task")
+    group.add_argument("--scale-load-seconds", type=float, default=scale.LOAD_SECONDS, help="load seconds")
+    group.add_argument(
+        "--scale-cases",
+        type=_csv(scale.CASES),
+        default=list(scale.CASES),
+        metavar="NAMES",
+        help=f"comma-separated subset of {', '.join(scale.CASES)} (default: all)",
+    )
+    group.add_argument("--scale-grid", default="", metavar="W:C,...", help="cost-only runs, e.g. 25:1,200:20")
+    group.add_argument(
+        "--churn", type=int, default=scale.CHURN, help="workers closed (then as many replaced and added)"
+    )
     parser.set_defaults(func=run_placement)
 
 
@@ -255,7 +274,10 @@ def run_placement(args: argparse.Namespace, command: str) -> int:
         say(f"running {name} ...")
         t0 = time.perf_counter()
         try:
-            results[name] = placement.run_scenario(name, args.load_seconds, args.multi_load_seconds, args.seed)
+            if name == "scale":
+                results[name] = _run_scale(args)
+            else:
+                results[name] = placement.run_scenario(name, args.load_seconds, args.multi_load_seconds, args.seed)
             rows.extend(targets.placement_checks(name, results[name]))
         except Exception as exc:  # noqa: BLE001 - report it and still measure the other scenarios
             results[name] = {"error": traceback.format_exc()}
@@ -273,7 +295,26 @@ def run_placement(args: argparse.Namespace, command: str) -> int:
     }
     write_json(args.out, payload)
     say(f"wrote {args.out}")
+    if "scale" in results and "error" not in results["scale"]:
+        from dask_pervasive.bench.plots import save_scale
+
+        say(f"wrote {save_scale(results['scale'], os.path.splitext(args.out)[0] + '-scale.png')}")
     return targets.exit_status(rows)
+
+
+def _run_scale(args: argparse.Namespace) -> dict[str, Any]:
+    from dask_pervasive.bench import scale
+
+    return scale.run_scale(
+        workers=args.workers,
+        contexts=args.contexts,
+        tasks=args.scale_tasks,
+        task_seconds=args.task_seconds,
+        load_seconds=args.scale_load_seconds,
+        cases=args.scale_cases,
+        grid=scale.parse_grid(args.scale_grid),
+        churn=args.churn,
+    )
 
 
 # -- bootstrap ------------------------------------------------------------------------------------

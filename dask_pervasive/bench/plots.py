@@ -130,3 +130,40 @@ def plot_sweep(result: dict[str, Any]):
     ax.set_title(f"batch-sweep: {result['items']} items at every batch size")
     ax.legend(fontsize=8)
     return fig
+
+
+def save_scale(result: dict[str, Any], path: str) -> str:
+    """The ``scale`` scenario's PNG at ``path``: loads per worker and makespan ratio per case, re-plan cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    load = result["parameters"]["load_seconds"]
+    floor = cases.get("floor", {}).get("makespan_s")
+    names = [n for n in cases if not n.endswith("floor")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].bar(names, [cases[n]["loads_per_worker"] for n in names], color="tab:blue")
+    axes[0].axhline(1.0, linestyle=":", color="green")
+    axes[0].set_title("loads per worker")
+    if floor:
+        axes[1].bar(names, [cases[n]["makespan_s"] / (floor + load) for n in names], color="tab:orange")
+        axes[1].axhline(1.0, linestyle=":", color="green")
+    axes[1].set_title("makespan / (floor + one load)")
+    runs = [r for r in [*cases.values(), *result["grid"]] if r.get("timings") and r["timings"].get("replans")]
+    labels = [f"{r['workers']}x{r['contexts']} {r['case']}" for r in runs]
+    for key, colour in (("replan_p50_ms", "tab:blue"), ("replan_p99_ms", "tab:orange"), ("hook_max_ms", "tab:red")):
+        axes[2].plot(labels, [r["timings"].get(key) for r in runs], marker="o", label=key, color=colour)
+    axes[2].set_yscale("log")
+    axes[2].set_title("scheduler time in our hooks (ms)")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+    p = result["parameters"]
+    fig.suptitle(
+        f"scale: {p['workers']} workers x {p['contexts']} contexts, {p['tasks']} tasks of {p['task_seconds']} s"
+    )
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -265,12 +265,102 @@ def _fmt_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
+# -- scale: many workers and contexts, against a floor measured in the same run -------------------
+def _case(r: dict[str, Any], case: str) -> dict[str, Any] | None:
+    return r["cases"].get(case)
+
+
+def _over_floor(r: dict[str, Any], case: str) -> float | None:
+    """Makespan of ``case`` / (floor makespan + one load)."""
+    run, floor = _case(r, case), _case(r, "floor")
+    if run is None or floor is None:
+        return None
+    return round(run["makespan_s"] / (floor["makespan_s"] + r["parameters"]["load_seconds"]), 3)
+
+
+def check_scale(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Targets of ``scale``: loads per worker and makespan / (floor + one load), Dask alone beside; re-plan cost."""
+    rows: list[dict[str, Any]] = []
+    p = r["parameters"]
+    tag = f"scale {p['workers']}w x {p['contexts']}c"
+    for budget, loads_bound in (("roomy", 1.1), ("tight", 1.2)):
+        on, off = _case(r, budget), _case(r, f"{budget}-off")
+        if on is None:
+            continue
+        lpw = on["loads_per_worker"]
+        rows.append(
+            compare(
+                tag,
+                f"{budget}: loads per worker",
+                lpw,
+                off and off["loads_per_worker"],
+                f"<= {loads_bound}",
+                _le(lpw, loads_bound),
+            )
+        )
+        ratio = _over_floor(r, budget)
+        rows.append(
+            compare(
+                tag,
+                f"{budget}: makespan / (floor + one load)",
+                ratio,
+                off and _over_floor(r, f"{budget}-off"),
+                "<= 1.1",
+                _le(ratio, 1.1),
+            )
+        )
+    for case in ("map", "churn"):
+        run = _case(r, case)
+        if run is not None:
+            rows.append(check(tag, f"{case}: loads per worker", run["loads_per_worker"], "", None))
+            rows.append(check(tag, f"{case}: makespan / (floor + one load)", _over_floor(r, case), "", None))
+    hetero, hfloor = _case(r, "hetero"), _case(r, "hetero-floor")
+    if hetero is not None and hfloor is not None:
+        n, slow = hetero["workers"], hetero["slow_workers"]
+        rate = (n - slow) + slow / 2.0  # a 2x slower worker does half the work
+        bound = hfloor["makespan_s"] * n / rate + p["load_seconds"]
+        ratio = round(hetero["makespan_s"] / bound, 3)
+        rows.append(check(tag, "hetero: makespan / speed-aware bound", ratio, "<= 1.15", _le(ratio, 1.15)))
+        rows.append(
+            check(tag, "hetero: tasks per slow / per fast worker", hetero.get("slow_fast_task_ratio"), "", None)
+        )
+    for name, run in [*r["cases"].items(), *((g["case"], g) for g in r["grid"])]:
+        t = run.get("timings")
+        if t and t.get("replans"):
+            big = run["workers"] >= 200 and run["contexts"] >= 20
+            rows.append(
+                check(
+                    tag,
+                    f"{name}: re-plan p50/p99/max ms ({t['replans']})",
+                    f"{t['replan_p50_ms']}/{t['replan_p99_ms']}/{t['replan_max_ms']}",
+                    "p99 <= 5, max <= 50" if big else "",
+                    (t["replan_p99_ms"] <= 5 and t["replan_max_ms"] <= 50) if big else None,
+                )
+            )
+            if "replan_cpu_p50_ms" in t:
+                cpu = f"{t['replan_cpu_p50_ms']}/{t['replan_cpu_p99_ms']}/{t['replan_cpu_max_ms']}"
+                rows.append(check(tag, f"{name}: re-plan CPU p50/p99/max ms", cpu, "", None))
+            rows.append(
+                check(
+                    tag,
+                    f"{name}: longest hook call ms",
+                    t["hook_max_ms"],
+                    "<= 50" if big else "",
+                    _le(t["hook_max_ms"], 50) if big else None,
+                )
+            )
+    correct = all(run["correct"] == run["tasks"] for run in [*r["cases"].values(), *r["grid"]])
+    rows.append(check(tag, "all results correct", correct, "True", correct))
+    return rows
+
+
 PLACEMENT_CHECKS = {
     "few": check_few,
     "backlog": check_backlog,
     "multi": check_multi_placement,
     "preempt": check_preempt_placement,
     "plain": check_plain,
+    "scale": check_scale,
 }
 
 

@@ -1,0 +1,279 @@
+"""The ``scale`` placement scenario: many in-process workers, many contexts, one run.
+
+Run ``python -m dask_pervasive.bench placement --scenario scale`` (options
+``--workers`` (default 64), ``--contexts``, ``--scale-tasks``, ``--scale-cases``,
+``--scale-grid``). Every case gets a fresh ``LocalCluster(processes=False,
+threads_per_worker=1)`` of ``--workers`` workers; contexts load with a sleep
+and declare ``nbytes`` (1,000 bytes), tasks sleep ``--task-seconds``; tasks
+are submitted round-robin over the contexts under ``dask.annotate(context=...)``.
+
+Cases (``--scale-cases``, comma-separated):
+
+``floor``
+    Zero-cost loads, no scheduler plugin: what this harness can do at all on
+    this machine. Every makespan ratio divides by ``floor + one load``.
+``roomy`` / ``roomy-off``
+    Budgets with room for every context, plugin on / off (Dask alone).
+``tight`` / ``tight-off``
+    Room for one context per worker (``max_bytes=1500``), on / off.
+``map``
+    Roomy, on, one ``client.map`` per context instead of one-by-one submits.
+``churn``
+    Roomy, on; once a third of the tasks are done, ``--churn`` workers are
+    closed abruptly, as many replacements start, and as many more join.
+``hetero`` / ``hetero-floor``
+    Half the workers run tasks 2x slower (the task looks its worker up in a
+    module-level set: workers are in-process). The bound that accounts for
+    their speeds is ``hetero-floor × n / Σ rate + one load`` with ``rate`` 1
+    or 0.5 (``hetero-floor``: zero-cost loads, no plugin, same slow workers).
+
+``--scale-grid W:C,...`` adds cost-only runs (short tasks, plugin on) that
+report the re-plan times as workers grow and contexts multiply.
+
+Measured per case: makespan, loads (from ``dp.stats``) and loads per worker,
+and, with the plugin, every re-plan's wall time (p50/p99/max, from
+``ContextSchedulerPlugin.replan_seconds``) and the longest single call into
+any of the plugin's hooks (wrapped on the scheduler): the event loop's longest
+stall caused by us.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import dask
+from distributed import Client, Future, LocalCluster, get_worker, wait
+
+import dask_pervasive as dp
+from dask_pervasive.bench.placement import sleep_load
+from dask_pervasive.bench.report import say
+
+WORKERS = 64
+CONTEXTS = 4
+TASKS = 2000
+TASK_SECONDS = 0.2
+LOAD_SECONDS = 2.0
+NBYTES = 1000
+TIGHT_BYTES = 1500
+CHURN = 4
+CASES = ("floor", "roomy", "roomy-off", "tight", "tight-off", "map", "churn", "hetero-floor", "hetero")
+QUICK_CASES = ("floor", "roomy", "tight", "hetero-floor", "hetero")
+SLOWDOWN = 2.0
+GRID_TASK_SECONDS = 0.02
+
+#: Worker addresses whose tasks sleep ``SLOWDOWN`` times longer (workers are in-process).
+SLOW: set[str] = set()
+_SLOW_LOCK = threading.Lock()
+
+#: Scheduler plugin methods timed (``replan`` runs from other hooks and the periodic tick).
+_HOOKS = ("update_graph", "transition", "replan", "add_worker", "remove_worker", "log_event", "_tick", "_replan_now")
+
+
+def scale_task(i: int, seconds: float) -> tuple[int, str, str]:
+    """``seconds`` of work (``SLOWDOWN`` times more on slow workers) that needs the annotated context."""
+    ctx = dp.get_context()
+    worker = get_worker().address
+    time.sleep(seconds * (SLOWDOWN if worker in SLOW else 1.0))
+    return i, ctx["tag"], worker
+
+
+def _warm_up(i: int) -> int:
+    return i
+
+
+# -- scheduler-side timing ------------------------------------------------------------
+def time_hooks(dask_scheduler: Any) -> None:
+    """Wrap the plugin's hooks: the longest outermost call (a stall of the event loop) and their total."""
+    plugin = dask_scheduler.plugins.get(dp.ContextSchedulerPlugin.name)
+    if plugin is None:
+        return
+    state = {"depth": 0, "max": 0.0, "total": 0.0, "calls": 0}
+    plugin._bench_hooks = state
+
+    def timed(hook: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            state["depth"] += 1
+            t0 = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                state["depth"] -= 1
+                if state["depth"] == 0:
+                    dt = time.perf_counter() - t0
+                    state["total"] += dt
+                    state["calls"] += 1
+                    state["max"] = max(state["max"], dt)
+
+        return wrapper
+
+    for name in _HOOKS:
+        setattr(plugin, name, timed(getattr(plugin, name)))
+
+
+def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
+    """Re-plan p50/p99/max (ms), how many, and the hooks' longest call and total (ms)."""
+    plugin = dask_scheduler.plugins.get(dp.ContextSchedulerPlugin.name)
+    if plugin is None:
+        return None
+    samples = sorted(plugin.replan_seconds)
+    cpu = sorted(plugin.replan_cpu_seconds)
+    hooks = getattr(plugin, "_bench_hooks", {})
+    out: dict[str, Any] = {"replans": len(samples)}
+    if samples:
+        out.update(
+            replan_p50_ms=round(1e3 * statistics.median(samples), 3),
+            replan_p99_ms=round(1e3 * samples[min(len(samples) - 1, int(0.99 * len(samples)))], 3),
+            replan_max_ms=round(1e3 * samples[-1], 3),
+            replan_cpu_p50_ms=round(1e3 * statistics.median(cpu), 3),
+            replan_cpu_p99_ms=round(1e3 * cpu[min(len(cpu) - 1, int(0.99 * len(cpu)))], 3),
+            replan_cpu_max_ms=round(1e3 * cpu[-1], 3),
+        )
+    out.update(
+        hook_max_ms=round(1e3 * hooks.get("max", 0.0), 3),
+        hook_total_ms=round(1e3 * hooks.get("total", 0.0), 1),
+        hook_calls=hooks.get("calls", 0),
+    )
+    return out
+
+
+# -- one case ---------------------------------------------------------------------------
+@contextmanager
+def in_process_cluster(n_workers: int) -> Iterator[tuple[LocalCluster, Client]]:
+    """``n_workers`` one-thread in-process workers and a client, all up."""
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=":0",
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(n_workers)
+        yield cluster, client
+
+
+def _contexts(n: int, load_seconds: float) -> list[dp.Context]:
+    return [
+        dp.Context(f"c{i}", load=partial(sleep_load, seconds=load_seconds, tag=f"c{i}"), device="cpu", nbytes=NBYTES)
+        for i in range(n)
+    ]
+
+
+def _submit(client: Client, n_tasks: int, n_contexts: int, seconds: float, bulk: bool) -> list[Future]:
+    if bulk:
+        futures = []
+        for c in range(n_contexts):
+            with dask.annotate(context=f"c{c}"):
+                futures += client.map(scale_task, range(c, n_tasks, n_contexts), seconds=seconds, pure=False)
+        return futures
+    futures = []
+    for i in range(n_tasks):
+        with dask.annotate(context=f"c{i % n_contexts}"):
+            futures.append(client.submit(scale_task, i, seconds, pure=False))
+    return futures
+
+
+def _churn(cluster: LocalCluster, client: Client, futures: list[Future], n: int, after: int) -> dict[str, Any]:
+    """Once ``after`` tasks finished: close ``n`` workers abruptly, start ``n`` replacements and ``n`` more."""
+    while sum(f.status == "finished" for f in futures) < after:
+        time.sleep(0.01)
+    at = time.perf_counter()
+    names = sorted(cluster.workers)[:n]
+    for name in names:
+        worker = cluster.workers[name]
+        cluster.worker_spec.pop(name, None)
+        cluster.sync(worker.close, executor_wait=False, reason="bench churn")
+    cluster.scale(len(cluster.worker_spec) + 2 * n)
+    return {"closed": len(names), "joined": 2 * n, "at_s": at}
+
+
+def run_case(
+    case: str, workers: int, contexts: int, tasks: int, task_seconds: float, load_seconds: float, churn: int
+) -> dict[str, Any]:
+    """One case on a fresh cluster: makespan, loads, and the plugin's timings."""
+    plugin = not case.endswith(("-off", "floor"))
+    load = 0.0 if case.endswith("floor") else load_seconds
+    tight = case.startswith("tight")
+    with in_process_cluster(workers) as (cluster, client):
+        dp.install(client, _contexts(contexts, load), max_bytes=TIGHT_BYTES if tight else None, scheduler=plugin)
+        addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        with _SLOW_LOCK:
+            SLOW.clear()
+            if case.startswith("hetero"):
+                SLOW.update(addresses[::2])
+        client.gather(client.map(_warm_up, range(2 * workers), pure=False))  # comms and threads, not contexts
+        client.run_on_scheduler(time_hooks)
+        out: dict[str, Any] = {"case": case, "workers": workers, "contexts": contexts, "tasks": tasks}
+        t0 = time.perf_counter()
+        futures = _submit(client, tasks, contexts, task_seconds, bulk=case == "map")
+        if case == "churn":
+            out["churn"] = _churn(cluster, client, futures, churn, tasks // 3)
+            out["churn"]["at_s"] = round(out["churn"]["at_s"] - t0, 3)
+        wait(futures)
+        out["makespan_s"] = round(time.perf_counter() - t0, 3)
+        results = client.gather(futures)
+        out["correct"] = sum(tag == f"c{i % contexts}" for i, tag, _ in results)
+        rows = dp.stats(client)
+        out["loads"] = int(rows.total("loads"))
+        out["workers_at_end"] = len(client.scheduler_info(n_workers=-1)["workers"])
+        out["loads_per_worker"] = round(out["loads"] / workers, 3)
+        out["slow_workers"] = len(SLOW)
+        if SLOW:
+            per = {}
+            for _, _, w in results:
+                per[w] = per.get(w, 0) + 1
+            slow = [per.get(a, 0) for a in addresses if a in SLOW]
+            fast = [per.get(a, 0) for a in addresses if a not in SLOW]
+            out["slow_fast_task_ratio"] = round(statistics.mean(slow) / max(statistics.mean(fast), 1e-9), 3)
+        out["timings"] = client.run_on_scheduler(plugin_timings)
+        with _SLOW_LOCK:
+            SLOW.clear()
+        return out
+
+
+def parse_grid(text: str | None) -> list[tuple[int, int]]:
+    """``"25:1,200:20"`` -> ``[(25, 1), (200, 20)]``."""
+    if not text:
+        return []
+    return [(int(w), int(c)) for w, c in (item.split(":") for item in text.split(",") if item)]
+
+
+def run_scale(
+    workers: int = WORKERS,
+    contexts: int = CONTEXTS,
+    tasks: int = TASKS,
+    task_seconds: float = TASK_SECONDS,
+    load_seconds: float = LOAD_SECONDS,
+    cases: tuple[str, ...] | list[str] = CASES,
+    grid: list[tuple[int, int]] | None = None,
+    churn: int = CHURN,
+) -> dict[str, Any]:
+    """Every case, then the grid: ``{"cases": {case: result}, "grid": [...], "parameters": ...}``."""
+    out: dict[str, Any] = {
+        "parameters": {
+            "workers": workers,
+            "contexts": contexts,
+            "tasks": tasks,
+            "task_seconds": task_seconds,
+            "load_seconds": load_seconds,
+            "churn": churn,
+        },
+        "cases": {},
+        "grid": [],
+    }
+    for case in cases:
+        out["cases"][case] = run = run_case(case, workers, contexts, tasks, task_seconds, load_seconds, churn)
+        say(f"  {case}: {run['makespan_s']} s, {run['loads']} loads, {run['timings'] or 'no plugin'}")
+    for w, c in grid or ():
+        out["grid"].append(run := run_case(f"grid-{w}x{c}", w, c, 10 * w, GRID_TASK_SECONDS, load_seconds / 4, churn))
+        say(f"  {run['case']}: {run['makespan_s']} s, {run['loads']} loads, {run['timings']}")
+    return out

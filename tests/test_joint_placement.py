@@ -1,0 +1,105 @@
+"""The joint planner wired into the scheduler plugin: its measurements and views, on small clusters."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import dask
+from distributed import get_worker
+from distributed.utils_test import gen_cluster
+from loaders import load_sleep
+
+import dask_pervasive as dp
+from dask_pervasive.scheduler import ContextSchedulerPlugin
+
+QUICK = dp.Context("quick", load=functools.partial(load_sleep, seconds=0.1), device="cpu")
+# Loads of 0.5 s: a cold worker pays only for an imbalance of more than 1 s (25 tasks) between two backlogs.
+FIRST = dp.Context("first", load=functools.partial(load_sleep, seconds=0.5), device="cpu")
+OTHER = dp.Context("other", load=functools.partial(load_sleep, seconds=0.5), device="cpu")
+
+#: Addresses whose tasks take twice as long (the workers run in this process).
+SLOW_WORKERS: set[str] = set()
+
+
+@dp.uses_context("quick")
+def timed_task(model, x):
+    time.sleep(0.04 * (2 if get_worker().address in SLOW_WORKERS else 1))
+    return model["value"] + x
+
+
+@dp.uses_context("first")
+def first_task(model, x):
+    time.sleep(0.04)
+    return model["value"] + x
+
+
+@dp.uses_context("other")
+def other_task(model, x):
+    time.sleep(0.04)
+    return model["value"] + x
+
+
+async def add_plugin(s, plugin):
+    s.add_plugin(plugin)
+    await plugin.start(s)
+    return plugin
+
+
+def placements(s):
+    return [m for _, m in s.get_events("pervasive") if m.get("action") == "placement"]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_a_twice_slower_worker_is_measured_twice_slower(c, s, a, b):
+    plugin = await add_plugin(s, ContextSchedulerPlugin(prewarm_backlog=1, interval="100ms"))
+    await dp.install(c, [QUICK], scheduler=False)
+    await dp.prewarm(c, "quick", workers=[a.address, b.address], progress=False)
+    SLOW_WORKERS.add(b.address)
+    try:
+        await c.gather(c.map(timed_task, range(60)))
+    finally:
+        SLOW_WORKERS.clear()
+    rates = plugin.rates
+    assert rates[a.address].tasks > 0 and rates[b.address].tasks > 0
+    # The prefix average lies between the two: the slow one is above 1, the fast one below, about 2x apart.
+    assert rates[b.address].speed > 1.0 > rates[a.address].speed
+    assert 1.4 < rates[b.address].speed / rates[a.address].speed < 3.0
+    assert plugin.replan_seconds and max(plugin.replan_seconds) < 5.0
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_worker_views_are_rebuilt_only_when_the_worker_reports(c, s, a, b):
+    plugin = await add_plugin(s, ContextSchedulerPlugin(interval="10s"))
+    await dp.install(c, [QUICK], scheduler=False)
+    await dp.prewarm(c, "quick", workers=[a.address], progress=False)
+    plugin.replan("test-1")
+    views = plugin._views_cache()["views"]
+    before = {addr: entry[1] for addr, entry in views.items()}
+    assert before[a.address].contexts["quick"].state == "resident"
+    assert "quick" not in before[b.address].contexts
+    plugin.replan("test-2")
+    assert all(views[addr][1] is view for addr, view in before.items())  # nothing reported: reused
+    await dp.prewarm(c, "quick", workers=[b.address], progress=False)
+    plugin.replan("test-3")
+    assert views[a.address][1] is before[a.address]
+    assert views[b.address][1] is not before[b.address]
+    assert views[b.address][1].contexts["quick"].state == "resident"
+    assert views[b.address][1].contexts["quick"].load_seconds is not None  # its own load time
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_a_worker_serving_one_context_is_not_free_for_another(c, s, a, b):
+    """Each context warm on its own worker, both with a backlog: neither takes the other's worker."""
+    plugin = await add_plugin(s, ContextSchedulerPlugin(prewarm_backlog=2, interval="100ms"))
+    await dp.install(c, [FIRST, OTHER], scheduler=False)
+    await dp.prewarm(c, "first", workers=[a.address], progress=False)
+    await dp.prewarm(c, "other", workers=[b.address], progress=False)
+    await c.submit(first_task, -1, workers=[a.address])  # Dask learns both durations
+    await c.submit(other_task, -1, workers=[b.address])
+    # One graph, so both backlogs are known to the same plan (two maps would let the first take b).
+    tasks = [dask.delayed(first_task)(i) for i in range(40)] + [dask.delayed(other_task)(i) for i in range(40)]
+    await c.gather(c.compute(tasks))
+    assert plugin.plans["first"].cold_placements == 0 and plugin.plans["other"].cold_placements == 0
+    assert (await dp.stats(c)).total("loads") == 2
+    assert {e["reason"].split(" (")[0] for e in placements(s)} == {"first worker"}
