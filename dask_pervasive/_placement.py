@@ -54,6 +54,7 @@ class ContextPlan:
     size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
     warm_placements: int = 0  #: workers added to the set that already held the context
     cold_placements: int = 0  #: workers added that had to load it
+    last_used: float = 0.0  #: monotonic time of its last task submitted or finished, or load
 
 
 def find_context(run_spec: Any, budget: int = 64) -> str | None:
