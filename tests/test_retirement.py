@@ -258,3 +258,38 @@ async def test_replacement_bootstraps_from_the_retiring_worker(c, s, a, http_ori
         rows = {r["worker"]: r for r in await dp.stats(c) if r["context"] == "m"}
         assert rows[w.address]["bytes_from_peers"] > 0 and rows[w.address]["bytes_from_origin"] == 0
         assert http_origin.bytes_served == origin_bytes
+
+
+# -- dp.scale_down ---------------------------------------------------------------------------------
+async def _scale_down_keeps_warm() -> tuple[str, dict, list]:
+    cluster = LocalCluster(
+        n_workers=4, threads_per_worker=1, processes=False, asynchronous=True, dashboard_address=":0"
+    )
+    async with cluster, cluster.get_client() as c:
+        await dp.install(c, [QUICK])
+        s = cluster.scheduler
+        warm = last_joined(s, 1)[0]  # cluster.scale(1) would remove its spec first
+        await dp.prewarm(c, "quick", workers=[warm], progress=False)
+        retired = await dp.scale_down(c, 3)
+        await cluster  # the spec change has settled
+        return warm, {"retired": retired, "spec": sorted(map(str, cluster.worker_spec))}, list(s.workers)
+
+
+def test_scale_down_keeps_the_warm_worker_and_updates_the_spec():
+    warm, out, left = asyncio.run(asyncio.wait_for(_scale_down_keeps_warm(), 60))
+    assert left == [warm] and len(out["retired"]) == 3 and warm not in out["retired"]
+    assert len(out["spec"]) == 1  # not started again
+
+
+def test_scale_down_with_a_blocking_client_and_bad_input():
+    cluster = LocalCluster(n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0")
+    with cluster, cluster.get_client() as c:
+        dp.install(c, [QUICK])
+        warm = list(cluster.scheduler.workers)[-1]
+        dp.prewarm(c, "quick", workers=[warm], progress=False)
+        with pytest.raises(dp.ContextUsageError):
+            dp.scale_down(c, -1)
+        assert dp.scale_down(c, 0) == []
+        assert len(dp.scale_down(c, 2)) == 2
+        assert list(cluster.scheduler.workers) == [warm]
+        assert len(cluster.worker_spec) == 1
