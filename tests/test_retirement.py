@@ -9,7 +9,7 @@ import types
 
 import dask
 import pytest
-from distributed import LocalCluster, Worker
+from distributed import LocalCluster, Nanny, Worker
 from distributed.core import Status
 from distributed.utils_test import gen_cluster
 from loaders import load_sleep
@@ -223,6 +223,17 @@ async def test_leaving_worker_takes_no_new_tasks_and_serves_its_files(c, s, a, b
     rows = {r["worker"]: r for r in await dp.stats(c) if r["context"] == "m"}
     assert rows[b.address]["bytes_from_peers"] > 0 and rows[b.address]["bytes_from_origin"] == 0
     assert http_origin.bytes_served == origin_bytes
+
+
+@gen_cluster(client=True, Worker=Nanny, nthreads=[("", 1)] * 2, timeout=120)
+async def test_worker_closed_by_its_nanny_counts_as_leaving(c, s, a, b):
+    """The orderly close ``dask worker`` does on SIGTERM/SIGINT (nanny closes its worker)."""
+    await dp.install(c, [QUICK])
+    await dp.prewarm(c, "quick", workers=[a.worker_address], progress=False)
+    addr = a.worker_address
+    await a.close()
+    event = next(e for e in leaving_events(s) if e["worker"] == addr)
+    assert event["status"] == "closing" and event["contexts"] == ["quick"]
 
 
 def test_coordinator_prefers_staying_holders_but_uses_a_leaving_one():
