@@ -71,7 +71,7 @@ PRESETS = {
             "preempt": Size(48, 3, 4.0, ("global-cache", "pervasive")),
             "scale-out": Size(40, 2, 3.0, ("pervasive",)),
             "batch-sweep": Size(24, 0, 0.7, ("naive", "pervasive")),
-            "opportunistic": Size(48, 3, 3.0, ("naive", "global-cache", "pervasive")),
+            "opportunistic": Size(48, 3, 3.0, ("global-cache", "pervasive")),
         },
         sweep_batches=(1, 4, 12),
         scale_at=0.05,
