@@ -12,6 +12,7 @@ worker, only onto workers with room in their memory budget.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class ContextPlan:
     size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
     warm_placements: int = 0  #: workers added to the set that already held the context
     cold_placements: int = 0  #: workers added that had to load it
-    last_used: float = 0.0  #: monotonic time of its last task submitted or finished, or load
+    last_used: float = -math.inf  #: monotonic time of its last task submitted or finished, or load
 
 
 def find_context(run_spec: Any, budget: int = 64) -> str | None:
