@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import config  # noqa: F401  (loads pervasive.yaml into dask.config)
-from .client import ContextStatsTable, evict, install, prewarm, register, stats, where
+from .client import ContextStatsTable, evict, install, prewarm, register, scale_down, stats, where
 from .context import Context, LoadedModel, TransformersContext
 from .errors import (
     BudgetExhaustedError,
@@ -49,6 +49,7 @@ __all__ = [
     "install",
     "prewarm",
     "register",
+    "scale_down",
     "stats",
     "uses_context",
     "where",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -88,6 +89,7 @@ class ContextPlan:
     warm_placements: int = 0  #: workers added to the set that already held the context
     cold_placements: int = 0  #: workers added that had to load it
     timed: bool = False  #: one of its tasks finished: Dask knows a duration (re-plan then: sets may grow)
+    last_used: float = -math.inf  #: monotonic time of its last task submitted or finished, or load
 
 
 def find_context(run_spec: Any, budget: int = 64) -> str | None:

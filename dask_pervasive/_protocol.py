@@ -19,6 +19,10 @@ DECLARATION_PREFIX = "pervasive-context-"
 EVENT_TOPIC = "pervasive"
 #: Key of our counters in ``worker.metrics`` (sent with every heartbeat).
 HEARTBEAT_KEY = "pervasive"
+#: ``"action"`` of the event Dask's scheduler logs (under the worker's address) when a worker's status changes.
+DASK_STATUS_CHANGE = "worker-status-change"
+#: Names of the worker statuses (``distributed.core.Status``) of a worker on its way out.
+LEAVING_STATUSES = frozenset({"closing_gracefully", "closing", "closed"})
 #: Attribute :func:`dask_pervasive.uses_context` sets on the functions it decorates.
 CONTEXT_ATTR = "__pervasive_context__"
 #: ``startstops`` action that holds the time a task spent loading its context.
@@ -38,6 +42,9 @@ class Action(str, enum.Enum):
     PLACEMENT = "placement"
     #: scheduler: a worker left while holding contexts.
     WORKER_LOST = "worker-lost"
+    #: scheduler: a worker started leaving (retired, lifetime, closing): it takes no new
+    #: context tasks and serves its files to peers until it is gone.
+    WORKER_LEAVING = "worker-leaving"
     #: scheduler: the coordinator handed a copy source to a worker.
     TRANSFER_SOURCE = "transfer-source"
 

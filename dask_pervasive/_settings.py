@@ -238,6 +238,7 @@ class SchedulerSettings:
     prewarm_backlog: int = 8
     default_load_seconds: float = 5.0
     interval: float = 0.5
+    keep_warm: float = 300.0
     retry_failed_after: float = 30.0
     transfer: TransferSettings = field(default_factory=TransferSettings)
 
@@ -271,6 +272,7 @@ class SchedulerSettings:
             interval=seconds_setting(
                 cfg["interval"] if interval is None else interval, key + "interval", positive=True
             ),
+            keep_warm=seconds_setting(cfg["keep-warm"], key + "keep-warm"),
             retry_failed_after=seconds_setting(
                 config.get("worker.retry-failed-after"), "pervasive.worker.retry-failed-after"
             ),

@@ -1,4 +1,4 @@
-"""Client-side helpers: install, register, where, stats, evict, prewarm."""
+"""Client-side helpers: install, register, where, stats, evict, prewarm, scale_down."""
 
 from __future__ import annotations
 
@@ -533,3 +533,69 @@ def prewarm(
     ['tcp://10.0.0.1:40001', 'tcp://10.0.0.2:40001']
     """
     return client.sync(_prewarm, client, name, n_workers, workers, progress)
+
+
+# -- scaling down ---------------------------------------------------------------------------------
+async def _scale_down(client: Client, n: int, cluster) -> list[str]:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ContextUsageError(f"scale_down needs a number of workers >= 0, got {n!r}")
+    if n == 0:
+        return []
+    # The scheduler chooses (with the scheduler plugin: warm workers of contexts in demand stay);
+    # names, because a cluster manager removes workers by spec name.
+    names = await client.scheduler.workers_to_close(n=n, attribute="name")
+    if not names:
+        return []
+    retired = await client.scheduler.retire_workers(names=names, close_workers=True, remove=True)
+    if cluster is None:
+        cluster = getattr(client, "cluster", None)
+    scale_down = getattr(cluster, "scale_down", None)
+    if scale_down is not None:
+        # As Adaptive does: take the retired workers out of the cluster's spec, or a
+        # SpecCluster (LocalCluster, dask-jobqueue) would start them again.
+        out = scale_down(names)
+        if asyncio.iscoroutine(out) or isinstance(out, asyncio.Future):
+            await out
+    return sorted(retired)
+
+
+def scale_down(client: Client, n: int, cluster=None) -> list[str]:
+    """Give back ``n`` workers, choosing which with the contexts in mind.
+
+    ``cluster.scale(len(cluster.workers) - n)`` on a ``SpecCluster``
+    (``LocalCluster``, dask-jobqueue's clusters) removes the most recently
+    added worker specs without asking the scheduler, warm or not. This asks
+    the scheduler instead (``Scheduler.workers_to_close``, where
+    :class:`ContextSchedulerPlugin` keeps the last warm worker of every
+    context in demand and prefers cold workers), retires those workers
+    gracefully (their results move elsewhere, their queued tasks are
+    re-targeted, they serve their context files to peers until gone) and
+    removes them from the cluster's spec, as ``cluster.adapt()`` does.
+
+    Parameters
+    ----------
+    n
+        How many workers to give back. Fewer go when the scheduler keeps some
+        (last warm worker of a context in demand, a long-running task, data
+        that cannot move).
+    cluster
+        The cluster manager whose spec to update (default: ``client.cluster``,
+        set when the client was made from the cluster). Without one, the
+        workers are retired and closed only (right for workers started with
+        ``dask worker``).
+
+    Returns
+    -------
+    The addresses of the workers retired.
+
+    Raises
+    ------
+    ContextUsageError
+        ``n`` is not a whole number >= 0.
+
+    Examples
+    --------
+    >>> dp.scale_down(client, 2)  # doctest: +SKIP
+    ['tcp://10.0.0.3:40001', 'tcp://10.0.0.4:40001']
+    """
+    return client.sync(_scale_down, client, n, cluster)

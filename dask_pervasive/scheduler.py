@@ -11,6 +11,13 @@ memory budget, and re-planned when workers join or leave, contexts fail or get
 evicted. The model is in :mod:`dask_pervasive._planner`, its inputs and the
 applied result in :mod:`dask_pervasive._placement`; this module is the plugin glue (events,
 graph and task hooks, lifecycle).
+
+Scaling down: the plugin answers Dask's ``valid_workers_downscaling`` hook
+(:mod:`dask_pervasive._retirement`) so ``retire_workers(n=...)`` and
+``adapt`` keep the last warm worker of a context in demand, and it watches
+Dask's ``worker-status-change`` events: a worker that starts leaving
+(``closing_gracefully``, ``closing``) is taken out of affinity sets at once,
+while it goes on serving its context files to peers until it is removed.
 """
 
 from __future__ import annotations
@@ -33,12 +40,24 @@ from ._placement import (
     find_context,
     finish_time,
 )
-from ._protocol import EVENT_TOPIC, PLUGIN_NAME, WARMING_STATES, Action, State, WorkerHandler
+from ._protocol import (
+    DASK_STATUS_CHANGE,
+    EVENT_TOPIC,
+    HOLDING_STATES,
+    LEAVING_STATUSES,
+    PLUGIN_NAME,
+    WARMING_STATES,
+    Action,
+    State,
+    WorkerHandler,
+)
+from ._retirement import is_leaving, retirement_candidates
 from ._settings import SchedulerSettings
 from .transfer import SourceCoordinator
 
 if TYPE_CHECKING:
     from distributed import Scheduler
+    from distributed.scheduler import WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +167,12 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
 
     # -- what workers tell us --------------------------------------------------
     def log_event(self, topic: str, msg: Any) -> None:
-        if topic != EVENT_TOPIC or not isinstance(msg, dict):
+        if not isinstance(msg, dict):
+            return
+        if topic != EVENT_TOPIC:
+            # Dask logs every worker status change under the worker's address.
+            if msg.get("action") == DASK_STATUS_CHANGE and self.scheduler is not None:
+                self._status_changed(topic, msg)
             return
         action = msg.get("action")
         worker = msg.get("worker")
@@ -180,6 +204,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
                 self._stale.add(name)
                 self._schedule_replan()
         if wc.state is State.RESIDENT:
+            plan.last_used = time.monotonic()
             wc.host_bytes, wc.device_bytes = msg.get("host_bytes", 0), msg.get("device_bytes", 0)
             plan.size = (wc.host_bytes, wc.device_bytes)
             if wc.loads > previous_loads and msg.get("last_load_seconds"):
@@ -266,6 +291,9 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
                 key,
             )
         if found:
+            now = time.monotonic()
+            for name in self._fresh:
+                self.plans[name].last_used = now
             self._check_worker_plugin(scheduler)
             # Restricts the new tasks, and the older ones only of sets that changed.
             self.replan(stimulus_id or f"pervasive-update-graph-{time.time()}")
@@ -279,6 +307,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             plan.pending.discard(key)
             if finish == "memory":
                 self._observe_finished(key, kwargs.get("worker"), kwargs.get("startstops"))
+            plan.last_used = time.monotonic()
         elif finish == "forgotten":
             plan.pending.discard(key)
             del self.task_context[key]
@@ -313,6 +342,56 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             # Dask already moved tasks restricted to it alone to no-worker: revive them.
             self._mark_unrunnable()
             self.replan(stimulus_id)
+
+    # -- scaling down ----------------------------------------------------------------------
+    def valid_workers_downscaling(self, scheduler: Scheduler, workers: list[WorkerState]) -> list[WorkerState]:
+        """Dask's hook in ``workers_to_close``: keep warm workers of contexts in demand.
+
+        Removes the last warm worker of each context with pending tasks (or used
+        within ``pervasive.scheduler.keep-warm``) from the candidates and orders
+        the rest so that, where Dask ranks workers equal, cold ones go first
+        (:func:`dask_pervasive._retirement.retirement_candidates`). On any
+        error Dask's own candidates are returned unchanged.
+        """
+        try:
+            if not any(self.warm.values()):
+                return workers  # a plain cluster, or nothing warm yet
+            now = time.monotonic()
+            keep_warm = self.settings.keep_warm
+            demand = {name for name, plan in self.plans.items() if plan.pending or now - plan.last_used < keep_warm}
+            staying = {addr for addr, ws in scheduler.workers.items() if not is_leaving(ws)}
+            members = {name: plan.members for name, plan in self.plans.items()}
+            chosen = retirement_candidates(workers, staying, self.warm, demand, members)
+            kept = {ws.address for ws in workers} - {ws.address for ws in chosen}
+            if kept:
+                logger.debug("pervasive: keeping warm workers %s when scaling down", sorted(kept))
+            return chosen
+        except Exception:  # never break Dask's scale-down
+            logger.warning("pervasive: context-aware retirement failed; using Dask's choice", exc_info=True)
+            return workers
+
+    def _status_changed(self, worker: str, msg: dict) -> None:
+        """A worker starting to leave takes no new context tasks; its queued ones are re-targeted."""
+        status = msg.get("status")
+        if status not in LEAVING_STATUSES or worker not in self.scheduler.workers:
+            return
+        held = sorted(n for n, states in self.warm.items() if (wc := states.get(worker)) and wc.state in HOLDING_STATES)
+        lost = sorted(p.name for p in self.plans.values() if worker in p.members)
+        for name in lost:
+            self.plans[name].members.discard(worker)
+        self._stale.update(lost)
+        self.scheduler.log_event(
+            EVENT_TOPIC,
+            {
+                "action": Action.WORKER_LEAVING.value,
+                "worker": worker,
+                "status": status,
+                "contexts": held,
+                "affinity": lost,
+            },
+        )
+        if lost and any(self.plans[n].pending for n in lost):
+            self._schedule_replan()
 
     def _tick(self) -> None:
         if any(p.pending for p in self.plans.values()):

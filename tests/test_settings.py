@@ -27,6 +27,7 @@ BAD_VALUES = {
     "scheduler.prewarm-backlog": 1.5,
     "scheduler.default-load-seconds": "long",
     "scheduler.interval": 0,
+    "scheduler.keep-warm": "a while",
     "transfer.peers": "sometimes",
     "transfer.chunk-size": 0,
     "transfer.origin-max-concurrent": 0,

@@ -89,16 +89,9 @@ def plot_timelines(scenario: str, result: dict[str, Any], payload: dict[str, Any
     ]
     if any(run.get("ideal_s") for run in runs.values()):
         handles.append(plt.Line2D([], [], color="green", linestyle=":", label="ideal bound (of that run)"))
-    if scenario in ("preempt", "scale-out"):
-        handles.append(
-            plt.Line2D(
-                [],
-                [],
-                color="black",
-                linestyle="--",
-                label="worker killed" if scenario == "preempt" else "cluster.scale",
-            )
-        )
+    if scenario in ("preempt", "scale-out", "opportunistic"):
+        label = {"preempt": "worker killed", "scale-out": "cluster.scale"}.get(scenario, "join / preempt / leave")
+        handles.append(plt.Line2D([], [], color="black", linestyle="--", label=label))
     axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"{scenario}: {result['jobs']} jobs x {result['items_per_job']} items", y=1.0 + 0.35 / len(runs))
     return fig

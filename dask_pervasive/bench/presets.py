@@ -10,7 +10,7 @@ from typing import Any
 
 from dask_pervasive.bench.strategies import DEFAULT_STRATEGIES
 
-SCENARIOS = ("steady", "multi", "preempt", "scale-out", "batch-sweep")
+SCENARIOS = ("steady", "multi", "preempt", "scale-out", "batch-sweep", "opportunistic")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class Params:
 # other processes still leaves pervasive far ahead. multi and batch-sweep repeat many
 # loads: 0.7 s. preempt and scale-out measure acquiring the model again, from a busy
 # origin: 4 s and 3 s. Few items per job keep comparisons about loads, not CPU time.
+# opportunistic (workers joining, preempted, given back: bench/opportunistic.py) acquires
+# the model again after each join and preemption: 3 s, as scale-out.
 PRESETS = {
     "quick": Params(
         sizes={
@@ -69,6 +71,7 @@ PRESETS = {
             "preempt": Size(48, 3, 4.0, ("global-cache", "pervasive")),
             "scale-out": Size(40, 2, 3.0, ("pervasive",)),
             "batch-sweep": Size(24, 0, 0.7, ("naive", "pervasive")),
+            "opportunistic": Size(48, 3, 3.0, ("global-cache", "pervasive")),
         },
         sweep_batches=(1, 4, 12),
         scale_at=0.05,
@@ -80,6 +83,7 @@ PRESETS = {
             "preempt": Size(96, 3, 4.0),
             "scale-out": Size(96, 2, 3.0),
             "batch-sweep": Size(128, 0, 0.7),
+            "opportunistic": Size(96, 3, 3.0, ("naive", "global-cache", "pervasive")),
         },
         preempt_kills=(0.15, 0.35, 0.55, 0.75),
     ),

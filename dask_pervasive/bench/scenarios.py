@@ -22,6 +22,9 @@ each preset runs are in :data:`~dask_pervasive.bench.presets.PRESETS`.
     One model; the cluster starts with one worker and ``cluster.scale``
     grows it to ``scale_to`` once ``scale_at`` of the jobs are done. Time to
     warm: from a new worker joining to its first load finishing.
+``opportunistic``
+    One model; workers join, are preempted and are given back on a trace
+    (:mod:`~dask_pervasive.bench.opportunistic`).
 ``batch-sweep``
     The same items scored at each batch size of ``sweep_batches``, one
     cluster per strategy, every worker warmed first (untimed: this measures
@@ -53,6 +56,7 @@ from dask_pervasive.bench.harness import (
     pervasive_transfers,
     worker_timeline,
 )
+from dask_pervasive.bench.opportunistic import opportunistic_action
 from dask_pervasive.bench.presets import Params
 from dask_pervasive.bench.strategies import make_strategy
 from dask_pervasive.bench.workload import batches, make_items
@@ -303,6 +307,8 @@ def run_scenario(
         capacity = int((params.multi_fit + 0.5) * env.model_nbytes)
     elif scenario == "preempt":
         action = functools.partial(preempt_action, params=params)
+    elif scenario == "opportunistic":
+        action = functools.partial(opportunistic_action, params=params)
     elif scenario == "scale-out":
         n0 = 1
         action = functools.partial(scale_action, params=params)

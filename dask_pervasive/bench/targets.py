@@ -131,6 +131,30 @@ def check_scale_out(result: dict[str, Any], payload: dict[str, Any]) -> list[dic
     ]
 
 
+def check_opportunistic(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = _runs(result)
+    perv, gc = runs.get("pervasive"), runs.get("global-cache")
+    complete = perv["completed"] == perv["tasks"] and not perv["errors"] if perv else None
+    makespan = _ratio(_makespan(result, "pervasive"), _makespan(result, "global-cache"))
+    origin = _ratio(perv["origin_bytes"], gc["origin_bytes"]) if perv and gc else None
+    warm_kept = None
+    if perv:
+        leaves = [d for d in perv["disturbances"] if d.get("step") == "leave"]
+        warm_kept = all(set(d["warm_before"]) - set(d["retired"]) for d in leaves if d["warm_before"])
+    return [
+        check(
+            "opportunistic",
+            "pervasive tasks completed",
+            f"{perv['completed']}/{perv['tasks']}" if perv else None,
+            "all",
+            complete,
+        ),
+        check("opportunistic", "a warm worker stays at every scale-down (pervasive)", warm_kept, "yes", warm_kept),
+        check("opportunistic", "makespan pervasive / global-cache", makespan, "<= 0.8", _le(makespan, 0.8)),
+        check("opportunistic", "origin bytes pervasive / global-cache", origin, "<= 0.5", _le(origin, 0.5)),
+    ]
+
+
 def check_batch_sweep(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
     runs = _runs(result)
     perv = runs["pervasive"]["throughput_max_over_min"] if "pervasive" in runs else None
@@ -152,6 +176,7 @@ STRATEGY_CHECKS = {
     "multi": check_multi,
     "preempt": check_preempt,
     "scale-out": check_scale_out,
+    "opportunistic": check_opportunistic,
     "batch-sweep": check_batch_sweep,
 }
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._protocol import EVENT_TOPIC, METADATA_TRANSFER, Action, SchedulerHandler
+from .._protocol import EVENT_TOPIC, LEAVING_STATUSES, METADATA_TRANSFER, Action, SchedulerHandler
 from .._settings import TransferSettings
 from ..errors import ConfigurationError, TransferError
 from ._manifest import check_manifest, manifest_digest
@@ -74,8 +74,10 @@ class SourceCoordinator:
     worker still reads the origin; never in a cycle). It gets the origin only
     while fewer than ``origin_max_concurrent`` workers read it *and* nobody
     holds or is copying the context (for this worker's purposes): otherwise
-    waiting for a peer is cheaper than reading the origin again. Slots of a
-    worker that dies (as receiver or holder) are released.
+    waiting for a peer is cheaper than reading the origin again. A worker
+    that is leaving (retiring, closing) still serves until it is removed, but
+    other holders with a free slot are preferred to it. Slots of a worker
+    that dies (as receiver or holder) are released.
 
     Parameters
     ----------
@@ -143,15 +145,19 @@ class SourceCoordinator:
         event.set()
 
     # -- state -------------------------------------------------------------------------
+    def _leaving(self, worker: str) -> bool:
+        ws = self.scheduler.workers.get(worker)
+        return ws is not None and ws.status.name in LEAVING_STATUSES
+
     def holders(self, context: str) -> list[str]:
-        """Workers with a complete, trusted copy of ``context``, fewest uploads first."""
+        """Workers with a complete, trusted copy of ``context``: staying ones first, then fewest uploads."""
         alive = self.scheduler.workers
         found = {w for w, rec in self.warm.get(context, {}).items() if getattr(rec, "files", False)}
         found |= self.complete.get(context, set())
         found -= self.suspect.get(context, set())
         now = time.monotonic()
         found = {w for w in found if w in alive and self.cooling.get(w, 0.0) <= now}
-        return sorted(found, key=lambda w: (self.uploads.get(w, 0), w))
+        return sorted(found, key=lambda w: (self._leaving(w), self.uploads.get(w, 0), w))
 
     @staticmethod
     def _upstream(worker: str, source_of: Mapping[str, str]) -> set[str]:
@@ -195,9 +201,11 @@ class SourceCoordinator:
         usable = [h for h in self.holders(context) if h != worker and h not in exclude]
         free = [h for h in usable if self.uploads.get(h, 0) < self.peer_max]
         if free:
-            return self._least_loaded(free, self.uploads)
+            # A leaving holder serves only when no staying one has a free slot.
+            return self._least_loaded([h for h in free if not self._leaving(h)] or free, self.uploads)
         depth = self._copying(context, worker, exclude)
         free = [c for c in depth if self.uploads.get(c, 0) < self.peer_max]
+        free = [c for c in free if not self._leaving(c)] or free
         if free:
             # Shallowest first: a breadth-first tree stays log(n) deep, which matters for
             # contexts of one big file (a follower waits for each whole file upstream).
