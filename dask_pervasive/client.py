@@ -7,7 +7,19 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ._protocol import METADATA_CONTEXTS, METADATA_DEFINITIONS, PLUGIN_NAME, State, warm_map_entry
+from ._fanout import (
+    WorkerList,
+    describe_on_worker,
+    evict_on_worker,
+    has_plugin_on_worker,
+    prewarm_on_worker,
+    run_on_workers,
+    snapshot_on_worker,
+    tokens_on_worker,
+    warm_map_on_scheduler,
+    worker_plugin_names,
+)
+from ._protocol import METADATA_CONTEXTS, METADATA_DEFINITIONS, State, warm_map_entry
 from .context import Context
 from .errors import (
     ContextDefinitionError,
@@ -21,7 +33,6 @@ from .worker import (
     ContextDeclaration,
     ContextWorkerPlugin,
     _check_contexts,
-    plugin_on,
 )
 
 if TYPE_CHECKING:
@@ -32,122 +43,7 @@ _METADATA = METADATA_CONTEXTS
 #: ``{name: Context.describe()}``, to name both sides of a conflicting redefinition.
 _DEFINITIONS = METADATA_DEFINITIONS
 
-
-# -- functions run on workers with client.run ---------------------------------
-def _snapshot_on_worker(dask_worker) -> list[dict]:
-    plugin = plugin_on(dask_worker)
-    return plugin.cache.snapshot() if plugin is not None else []
-
-
-def _tokens_on_worker(dask_worker) -> dict[str, str]:
-    plugin = plugin_on(dask_worker)
-    if plugin is None:
-        return {}
-    return {n: e.context.token for n, e in plugin.cache.entries.items()}
-
-
-def _describe_on_worker(name: str, dask_worker) -> str | None:
-    plugin = plugin_on(dask_worker)
-    entry = plugin.cache.entries.get(name) if plugin is not None else None
-    return entry.context.describe() if entry is not None else None
-
-
-def _evict_on_worker(name: str, dask_worker) -> str:
-    plugin = plugin_on(dask_worker)
-    if plugin is None or name not in plugin.cache.entries:
-        return "unknown"
-    try:
-        return "evicted" if plugin.cache.evict(name) else "not-resident"
-    except RuntimeError:
-        return "in-use"
-
-
-async def _prewarm_on_worker(name: str, dask_worker) -> str:
-    plugin = plugin_on(dask_worker)
-    if plugin is None:
-        raise PluginNotInstalledError(
-            f"ContextWorkerPlugin is not installed on worker {dask_worker.address}: "
-            "call dask_pervasive.install(client, contexts) first"
-        )
-    await plugin.prewarm(name)
-    return dask_worker.address
-
-
-def _running_workers(dask_scheduler) -> list[str]:
-    """Workers neither closing nor gone."""
-    return [a for a, ws in dask_scheduler.workers.items() if ws.status.name in ("running", "paused")]
-
-
-#: Seconds a worker that failed a fan-out call with a connection error gets to leave the
-#: scheduler's view before the error is raised as the worker's own.
-_LEAVE_GRACE = 5.0
-
-
-def _is_pervasive(exc: BaseException) -> bool:
-    return isinstance(exc, PervasiveError)
-
-
-def _has_plugin_on_worker(dask_worker) -> bool:
-    return plugin_on(dask_worker) is not None
-
-
-def _worker_plugin_names(dask_scheduler) -> list[str]:
-    return list(dask_scheduler.worker_plugins)
-
-
-def _warm_map_on_scheduler(dask_scheduler) -> dict | None:
-    plugin = dask_scheduler.plugins.get(PLUGIN_NAME)
-    return plugin.where() if plugin is not None and hasattr(plugin, "where") else None
-
-
 logger = logging.getLogger(__name__)
-
-
-class WorkerList(list):
-    """A list of worker addresses (what :func:`prewarm` returns), with ``left``.
-
-    ``left`` lists the workers that left the cluster during the call: their
-    part was skipped rather than failing the whole call.
-    """
-
-    left: list[str]
-
-    def __init__(self, items: Iterable[str] = (), left: Iterable[str] = ()) -> None:
-        super().__init__(items)
-        self.left = sorted(left)
-
-
-async def _run_on_workers(client: Client, func, *args, workers: list[str] | None = None) -> tuple[dict, list[str]]:
-    """``client.run`` that tolerates workers leaving mid-call.
-
-    Returns ``({worker: result}, left)``: ``left`` names the workers that
-    failed because they left (no longer known to the scheduler afterwards).
-    Any other failure is raised; one that is not a dask_pervasive error (a
-    connection error from a worker that is still there) is raised as
-    :class:`~dask_pervasive.errors.PervasiveError` naming the worker.
-    """
-    replies = await client.run(func, *args, workers=workers, on_error="return")
-    failed = {w: r for w, r in replies.items() if isinstance(r, BaseException)}
-    if not failed:
-        return replies, []
-    # A worker that closes answers with a connection error (or, its plugin torn down, an
-    # error of ours) a moment before the scheduler drops it: wait for that, bounded.
-    deadline = asyncio.get_running_loop().time() + _LEAVE_GRACE
-    while True:
-        running = await client.run_on_scheduler(_running_workers)
-        left = sorted(w for w in failed if w not in running)
-        undecided = [w for w in failed if w in running and not _is_pervasive(failed[w])]
-        if not undecided or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    if left:
-        logger.info("pervasive: %s left the cluster during %s; skipped", ", ".join(left), func.__name__)
-    for w, exc in failed.items():
-        if w not in left:
-            if isinstance(exc, PervasiveError):
-                raise exc
-            raise PervasiveError(f"{func.__name__} failed on worker {w}: {type(exc).__name__}: {exc}") from exc
-    return {w: r for w, r in replies.items() if w not in failed}, left
 
 
 # -- registration ---------------------------------------------------------------
@@ -156,7 +52,7 @@ async def _run_on_workers(client: Client, func, *args, workers: list[str] | None
 async def _declared(client: Client) -> dict[str, str]:
     """``{name: token}`` of contexts declared on the cluster."""
     known = dict(await client.get_metadata(list(_METADATA), default={}) or {})
-    for tokens in (await _run_on_workers(client, _tokens_on_worker))[0].values():
+    for tokens in (await run_on_workers(client, tokens_on_worker))[0].values():
         for name, token in tokens.items():
             known.setdefault(name, token)
     return known
@@ -165,7 +61,7 @@ async def _declared(client: Client) -> dict[str, str]:
 async def _existing_definition(client: Client, name: str) -> str:
     described = await client.get_metadata([*_DEFINITIONS, name], default=None)
     if described is None:
-        found = [d for d in (await _run_on_workers(client, _describe_on_worker, name))[0].values() if d]
+        found = [d for d in (await run_on_workers(client, describe_on_worker, name))[0].values() if d]
         described = found[0] if found else "a definition the workers hold"
     return described
 
@@ -224,7 +120,7 @@ async def _register(client: Client, context: Context) -> bool:
     if existing is not None:
         raise _redefinition(context, existing)
     declaration = ContextDeclaration(context).name
-    if context.name in known and declaration in await client.run_on_scheduler(_worker_plugin_names):
+    if context.name in known and declaration in await client.run_on_scheduler(worker_plugin_names):
         return False
     try:
         await client.register_plugin(ContextDeclaration(context))
@@ -296,7 +192,7 @@ def install(
 # -- inspection -----------------------------------------------------------------
 async def _snapshots(client: Client, workers: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
-    for snap in (await _run_on_workers(client, _snapshot_on_worker, workers=workers))[0].values():
+    for snap in (await run_on_workers(client, snapshot_on_worker, workers=workers))[0].values():
         rows.extend(snap)
     return rows
 
@@ -309,7 +205,7 @@ async def _known_names(client: Client, rows: list[dict]) -> set[str]:
 
 async def _where(client: Client) -> dict[str, dict[str, list[str]]]:
     declared = await client.get_metadata(list(_METADATA), default={}) or {}
-    warm_map = await client.run_on_scheduler(_warm_map_on_scheduler)
+    warm_map = await client.run_on_scheduler(warm_map_on_scheduler)
     if warm_map is not None:  # the scheduler plugin's view, which placement uses
         for name in declared:
             warm_map.setdefault(name, warm_map_entry((), affinity=()))
@@ -374,7 +270,7 @@ async def _require_known(client: Client, name: str, rows: list[dict]) -> None:
         raise ContextUsageError(f"context name must be a string, got {type(name).__name__}: {name!r}")
     known = await _known_names(client, rows)
     if name not in known:
-        if not any((await _run_on_workers(client, _has_plugin_on_worker))[0].values()):
+        if not any((await run_on_workers(client, has_plugin_on_worker))[0].values()):
             raise PluginNotInstalledError(
                 f"Context {name!r} is unknown because ContextWorkerPlugin is not installed on any worker: "
                 "call dask_pervasive.install(client, contexts) first"
@@ -403,7 +299,7 @@ async def _check_workers(client: Client, workers: Iterable[str] | None) -> list[
 async def _evict(client: Client, name: str, workers: Iterable[str] | None) -> dict[str, str]:
     await _require_known(client, name, await _snapshots(client))
     workers = await _check_workers(client, workers)
-    result, left = await _run_on_workers(client, _evict_on_worker, name, workers=workers)
+    result, left = await run_on_workers(client, evict_on_worker, name, workers=workers)
     return {**result, **dict.fromkeys(left, "left")}
 
 
@@ -460,7 +356,7 @@ async def _prewarm(client, name, n_workers, workers, progress) -> list[str]:
 
     async def warm_one(w: str) -> tuple[str, BaseException | None]:
         try:
-            done, _ = await _run_on_workers(client, _prewarm_on_worker, name, workers=[w])
+            done, _ = await run_on_workers(client, prewarm_on_worker, name, workers=[w])
         except Exception as exc:  # noqa: BLE001 - reported once every worker has finished
             return w, exc
         return w, None if w in done else _Left()
