@@ -55,6 +55,7 @@ PLACEMENTS_BY_KIND = {"warm": "warm_placements", "cold": "cold_placements"}
 #: Lists of the warm map (:func:`dask_pervasive._protocol.warm_map_entry`) exported as gauges.
 _WARM_STATES = ("resident", "loading", "files", "failed")
 
+_warned_missing = False
 _registered: PervasiveMetricCollector | None = None
 
 
@@ -226,7 +227,13 @@ def register_metrics(scheduler: Scheduler, plugin: ContextSchedulerPlugin) -> Pe
     try:
         import prometheus_client
     except ImportError:
-        logger.debug("pervasive: prometheus_client is not installed; no dask_pervasive_* metrics")
+        global _warned_missing
+        if not _warned_missing:  # once per process: every scheduler start would repeat it
+            _warned_missing = True
+            logger.warning(
+                "pervasive: prometheus_client is not installed, so /metrics has no dask_pervasive_* series "
+                "(pip install dask-pervasive[prometheus])"
+            )
         return None
     if _registered is not None:
         _registered.server = scheduler
