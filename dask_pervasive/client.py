@@ -236,8 +236,20 @@ class ContextStatsTable(list):
     """A list of per-(worker, context) dicts, with :meth:`to_pandas`."""
 
     def to_pandas(self) -> pd.DataFrame:
-        """The rows as a ``pandas.DataFrame``, one column per key (needs pandas)."""
-        import pandas as pd
+        """The rows as a ``pandas.DataFrame``, one column per key (needs pandas).
+
+        Raises
+        ------
+        ImportError
+            When pandas is not installed, naming the extra that brings it.
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError(
+                "ContextStatsTable.to_pandas needs pandas, which is not installed: "
+                "pip install pandas (or dask-pervasive[pandas])"
+            ) from exc
 
         return pd.DataFrame(list(self))
 

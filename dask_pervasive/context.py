@@ -123,6 +123,10 @@ def _check_callable(value: Any, what: str, name: str) -> Callable[..., Any]:
     return value
 
 
+#: fsspec protocols whose backend is a separate package, and the extra of ours that installs it.
+_BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+
+
 def _check_source(source: str, storage_options: Mapping | None, name: str) -> None:
     if not isinstance(source, str) or not source.strip():
         raise ContextDefinitionError(f"Context {name!r}: source must be a non-empty URL string", name)
@@ -150,7 +154,9 @@ def _check_source(source: str, storage_options: Mapping | None, name: str) -> No
         try:
             fsspec.get_filesystem_class(protocol or "file")
         except (ValueError, ImportError) as exc:
-            raise ContextDefinitionError(f"Context {name!r}: cannot read source {source!r}: {exc}", name) from exc
+            extra = _BACKEND_EXTRAS.get(protocol or "")
+            hint = f" (pip install dask-pervasive[{extra}])" if extra else ""
+            raise ContextDefinitionError(f"Context {name!r}: cannot read source {source!r}: {exc}{hint}", name) from exc
 
 
 def _check_nbytes(nbytes: Any, name: str) -> int | None:

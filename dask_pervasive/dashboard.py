@@ -1,9 +1,12 @@
-"""A plain HTML page at ``/pervasive`` on the scheduler: the worker × context warm map.
+"""The ``/pervasive`` page on the scheduler: the warm map and what changed over time.
 
-No Bokeh needed: one tornado handler on the scheduler's HTTP server (the one
-that serves the dashboard and ``/metrics``), rendering the state of
-:class:`~dask_pervasive.ContextSchedulerPlugin` as two tables, refreshed
-every few seconds by the browser:
+No Bokeh needed: two tornado handlers on the scheduler's HTTP server (the one
+that serves the dashboard and ``/metrics``). ``/pervasive`` is a page that
+polls ``/pervasive/data.json`` every :data:`POLL_SECONDS` and redraws, with
+no reload: time series of loads and evictions per (context, worker) and of
+bytes copied from peers vs the origin (sampled by the scheduler every
+:data:`SAMPLE_SECONDS`, the last :data:`HISTORY_SAMPLES` kept), and the state
+of :class:`~dask_pervasive.ContextSchedulerPlugin` as two tables:
 
 * workers × contexts: state of each context on each worker (resident,
   loading, evicted, failed…), whether its files are cached there, and
@@ -11,23 +14,29 @@ every few seconds by the browser:
 * per context: pending tasks, affinity set, resident workers, measured load
   and fetch time, measured size.
 
-Install it at runtime with :func:`add_dashboard_page` (the scheduler preload
-does), or before the scheduler starts by adding this module to the
+When the Bokeh dashboard runs, :func:`add_dashboard_page` also lists the page
+in its "More..." menu. Install it at runtime with :func:`add_dashboard_page`
+(the scheduler preload does), or before the scheduler starts by adding this module to the
 ``distributed.scheduler.http.routes`` config list.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import time
 import weakref
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
 from distributed.http.utils import RequestHandler
+from tornado.ioloop import PeriodicCallback
 
 from ._protocol import PLUGIN_NAME, State
+from .metrics import BYTES_BY_SOURCE, worker_counters
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -36,7 +45,15 @@ if TYPE_CHECKING:
 
 #: Path of the page, below the scheduler's HTTP prefix.
 PAGE_PATH = "pervasive"
-REFRESH_SECONDS = 5
+#: Path of the page's data, below the page.
+DATA_PATH = "data.json"
+#: How often the page polls its data.
+POLL_SECONDS = 2
+#: How often the scheduler samples the counters, and how many samples it keeps (30 minutes).
+SAMPLE_SECONDS = 2.0
+HISTORY_SAMPLES = 900
+#: The per-(context, worker) counters plotted, in the order of each sample's values.
+SERIES_FIELDS = ("loads", "evictions", BYTES_BY_SOURCE["peer"], BYTES_BY_SOURCE["origin"])
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; }
@@ -49,6 +66,11 @@ td.failed { background: #ffcdd2; }
 td.evicted { background: #eeeeee; }
 .affinity { font-weight: bold; }
 .muted { color: #888; }
+nav { margin-bottom: 1em; }
+.panel { display: inline-block; vertical-align: top; margin: 0 1.5em 1.5em 0; }
+.panel h3 { font-size: 1em; margin: 0 0 0.3em 0; }
+.chart text { font-size: 11px; fill: #555; }
+.legend { list-style: none; padding: 0; margin: 0.3em 0; font-size: 0.85em; max-width: 560px; }
 """
 
 
@@ -60,7 +82,64 @@ class _Page:
     path: str
 
 
+class History:
+    """Samples of the cumulative per-(context, worker) counters, taken on the scheduler's loop."""
+
+    def __init__(self, scheduler: Scheduler, page: _Page | None = None) -> None:
+        self._scheduler = weakref.ref(scheduler)
+        self.page = page
+        self.samples: deque[tuple[float, dict[str, list[float]]]] = deque(maxlen=HISTORY_SAMPLES)
+        self._callback = PeriodicCallback(self.sample, SAMPLE_SECONDS * 1000)
+
+    def start(self) -> None:
+        self.sample()
+        self._callback.start()
+
+    def stop(self) -> None:
+        self._callback.stop()
+
+    def sample(self) -> None:
+        scheduler = self._scheduler()
+        plugin = _plugin(scheduler, self.page) if scheduler is not None else None
+        if plugin is None:
+            if scheduler is None or scheduler.status.name in ("closing", "closed"):
+                self.stop()
+            return
+        rows = worker_counters(scheduler, plugin)
+        values = {
+            f"{name} @ {addr}": [float(row.get(f, 0) or 0) for f in SERIES_FIELDS] for (name, addr), row in rows.items()
+        }
+        self.samples.append((time.time(), values))
+
+
 _pages: weakref.WeakKeyDictionary[Any, _Page] = weakref.WeakKeyDictionary()
+_histories: weakref.WeakKeyDictionary[Any, History] = weakref.WeakKeyDictionary()
+
+
+def _plugin(scheduler: Scheduler, page: _Page | None) -> ContextSchedulerPlugin | None:
+    plugin = page.plugin if page is not None else None
+    return plugin if plugin is not None else scheduler.plugins.get(PLUGIN_NAME)
+
+
+def history_of(scheduler: Scheduler, page: _Page | None = None) -> History:
+    """The scheduler's sampler, started at the first call (from the scheduler's loop)."""
+    history = _histories.get(scheduler)
+    if history is None:
+        history = _histories[scheduler] = History(scheduler, page)
+        history.start()
+    return history
+
+
+def page_data(scheduler: Scheduler, plugin: ContextSchedulerPlugin | None, history: History) -> dict[str, Any]:
+    """What ``data.json`` returns: the samples and the two tables, rendered."""
+    return {
+        "fields": list(SERIES_FIELDS),
+        "samples": [[t, values] for t, values in history.samples],
+        "workers": len(scheduler.workers),
+        "installed": plugin is not None,
+        "warm_map": render_warm_map(scheduler, plugin) if plugin is not None else "",
+        "plans": render_plans(plugin) if plugin is not None else "",
+    }
 
 
 class PervasivePage(RequestHandler):
@@ -71,16 +150,38 @@ class PervasivePage(RequestHandler):
         self.page = page
 
     def get(self) -> None:
-        plugin = self.page.plugin if self.page is not None else None
-        if plugin is None:
-            plugin = self.server.plugins.get(PLUGIN_NAME)
+        history_of(self.server, self.page)  # sampling starts with the first visit at the latest
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
-        self.write(render_page(self.server, plugin))
+        self.write(render_page(self.server, _plugin(self.server, self.page)))
+
+
+class PervasiveData(PervasivePage):
+    """``GET /pervasive/data.json``: samples and tables for the page's live refresh."""
+
+    def get(self) -> None:
+        history = history_of(self.server, self.page)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.write(json.dumps(page_data(self.server, _plugin(self.server, self.page), history)))
 
 
 #: For the ``distributed.scheduler.http.routes`` config (``routes`` of each listed module).
-routes: list[tuple] = [(PAGE_PATH, PervasivePage, {})]
+routes: list[tuple] = [(PAGE_PATH, PervasivePage, {}), (f"{PAGE_PATH}/{DATA_PATH}", PervasiveData, {})]
+
+
+def _add_to_dashboard_menu(scheduler: Scheduler) -> bool:
+    """List the page in the Bokeh dashboard's "More..." menu; ``False`` without Bokeh."""
+    try:
+        from distributed.dashboard.scheduler import template_variables
+    except ImportError:  # no bokeh: there is no dashboard menu
+        return False
+    # Memoized per scheduler: the very dict every dashboard page renders its menu from.
+    plots = template_variables(scheduler)["plots"]
+    if not any(p["url"] == PAGE_PATH for p in plots):
+        plots.append({"url": PAGE_PATH, "name": "Pervasive"})
+        plots.sort(key=lambda p: p["name"])
+    return True
 
 
 def add_dashboard_page(scheduler: Scheduler, plugin: ContextSchedulerPlugin | None = None, prefix: str = "/") -> str:
@@ -112,7 +213,12 @@ def add_dashboard_page(scheduler: Scheduler, plugin: ContextSchedulerPlugin | No
         return page.path
     path = "/" + "/".join(p for p in (prefix.strip("/"), PAGE_PATH) if p)
     page = _pages[scheduler] = _Page(plugin, path)
-    scheduler.http_application.add_handlers(r".*", [(path, PervasivePage, {"dask_server": scheduler, "page": page})])
+    kwargs = {"dask_server": scheduler, "page": page}
+    scheduler.http_application.add_handlers(
+        r".*", [(path, PervasivePage, kwargs), (f"{path}/{DATA_PATH}", PervasiveData, kwargs)]
+    )
+    _add_to_dashboard_menu(scheduler)
+    history_of(scheduler, page)
     return path
 
 
@@ -191,8 +297,75 @@ def render_plans(plugin: ContextSchedulerPlugin) -> str:
     return _table(header, rows)
 
 
+_SCRIPT = """
+const FIELDS_SHOWN = [["loads", "Loads per context @ worker"], ["evictions", "Evictions per context @ worker"]];
+const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                "#bcbd22", "#17becf"];
+function chart(title, series, fmt) {
+  // series: [[label, [[t, v], ...]], ...] -> an SVG line chart with a legend
+  const W = 560, H = 180, L = 60, B = 24;
+  let t0 = Infinity, t1 = -Infinity, vmax = 0;
+  for (const [, pts] of series) for (const [t, v] of pts) { t0 = Math.min(t0, t); t1 = Math.max(t1, t); vmax = Math.max(vmax, v); }
+  if (!isFinite(t0)) { t0 = 0; t1 = 1; }
+  if (t1 <= t0) t1 = t0 + 1;
+  vmax = Math.max(vmax, 1) * 1.15;  // headroom: a flat line at the maximum stays visible
+  const x = t => L + (W - L - 8) * (t - t0) / (t1 - t0), y = v => H - B - (H - B - 8) * v / vmax;
+  let svg = `<svg class="chart" width="${W}" height="${H}" role="img"><rect x="${L}" y="8" width="${W - L - 8}" height="${H - B - 8}" fill="#fafafa" stroke="#ccc"/>`;
+  svg += `<text x="${L - 4}" y="14" text-anchor="end">${fmt(vmax)}</text><text x="${L - 4}" y="${H - B}" text-anchor="end">0</text>`;
+  svg += `<text x="${L}" y="${H - 6}">-${Math.round(t1 - t0)} s</text><text x="${W - 8}" y="${H - 6}" text-anchor="end">now</text>`;
+  let legend = "";
+  series.forEach(([label, pts], i) => {
+    const c = COLORS[i % COLORS.length];
+    // cumulative counters: steps, not slopes
+    let d = "";
+    pts.forEach(([t, v], j) => { d += (j ? ` H${x(t).toFixed(1)} V${y(v).toFixed(1)}` : `M${x(t).toFixed(1)} ${y(v).toFixed(1)}`); });
+    svg += `<path d="${d}" fill="none" stroke="${c}" stroke-width="2"/>`;
+    const last = pts.length ? pts[pts.length - 1][1] : 0;
+    legend += `<li><span style="color:${c}">&#9632;</span> ${label}: ${fmt(last)}</li>`;
+  });
+  return `<div class="panel"><h3>${title}</h3>${svg}</svg><ul class="legend">${legend}</ul></div>`;
+}
+function bytes(v) {
+  const u = ["B", "kiB", "MiB", "GiB", "TiB"]; let i = 0;
+  while (v >= 1024 && i < u.length - 1) { v /= 1024; i++; }
+  return (i ? v.toFixed(1) : Math.round(v)) + " " + u[i];
+}
+function count(v) { return String(Math.round(v)); }
+async function refresh() {
+  let data;
+  try {
+    const r = await fetch(DATA_URL, {cache: "no-store"});
+    data = await r.json();
+  } catch (e) {
+    document.getElementById("status").textContent = "scheduler unreachable: " + e;
+    return;
+  }
+  const keys = new Set();
+  for (const [, values] of data.samples) for (const k in values) keys.add(k);
+  const sorted = [...keys].sort();
+  const col = name => data.fields.indexOf(name);
+  let html = "";
+  for (const [field, title] of FIELDS_SHOWN) {
+    const i = col(field);
+    html += chart(title, sorted.map(k => [k, data.samples.filter(([, v]) => k in v).map(([t, v]) => [t, v[k][i]])]), count);
+  }
+  const peer = col("bytes_from_peers"), origin = col("bytes_from_origin");
+  const total = i => data.samples.map(([t, v]) => [t, Object.values(v).reduce((s, row) => s + row[i], 0)]);
+  html += chart("Bytes of context files: from peers vs from the origin", [["from peers", total(peer)], ["from origin", total(origin)]], bytes);
+  document.getElementById("charts").innerHTML = html;
+  document.getElementById("warm").innerHTML = data.installed ? data.warm_map : "";
+  document.getElementById("plans").innerHTML = data.plans;
+  document.getElementById("nworkers").textContent = data.workers;
+  document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
+  document.body.dataset.samples = data.samples.length;
+}
+refresh();
+setInterval(refresh, POLL_MS);
+"""
+
+
 def render_page(scheduler: Scheduler, plugin: ContextSchedulerPlugin | None) -> str:
-    """The whole page as an HTML string."""
+    """The whole page as an HTML string (the tables as of now; the script keeps them and the charts live)."""
     if plugin is None:
         body = (
             "<p>ContextSchedulerPlugin is not installed on this scheduler: use "
@@ -201,15 +374,20 @@ def render_page(scheduler: Scheduler, plugin: ContextSchedulerPlugin | None) -> 
         )
     else:
         body = (
-            f"<h2>Warm map ({len(scheduler.workers)} workers)</h2>"
+            "<div id='charts'></div>"
+            f"<h2>Warm map (<span id='nworkers'>{len(scheduler.workers)}</span> workers)</h2>"
             "<p class='muted'>★ = in the context's affinity set (where its pending tasks go); "
             "files = context files cached on the worker.</p>"
-            f"{render_warm_map(scheduler, plugin)}"
-            f"<h2>Contexts</h2>{render_plans(plugin)}"
+            f"<div id='warm'>{render_warm_map(scheduler, plugin)}</div>"
+            f"<h2>Contexts</h2><div id='plans'>{render_plans(plugin)}</div>"
         )
+    # Relative URLs: the page is served below the dashboard's prefix, like the dashboard's own pages.
+    script = f"const DATA_URL = {json.dumps(PAGE_PATH + '/' + DATA_PATH)};\nconst POLL_MS = {POLL_SECONDS * 1000};\n"
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<meta http-equiv='refresh' content='{REFRESH_SECONDS}'>"
         f"<title>dask_pervasive — {_e(scheduler.address)}</title><style>{_STYLE}</style></head>"
-        f"<body><h1>dask_pervasive on {_e(scheduler.address)}</h1>{body}</body></html>"
+        f"<body><nav><a href='status'>Dask dashboard</a> · <span class='muted' id='status'></span></nav>"
+        f"<h1>dask_pervasive on {_e(scheduler.address)}</h1>{body}"
+        + (f"<script>{script}{_SCRIPT}</script>" if plugin is not None else "")
+        + "</body></html>"
     )

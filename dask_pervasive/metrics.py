@@ -55,6 +55,7 @@ PLACEMENTS_BY_KIND = {"warm": "warm_placements", "cold": "cold_placements"}
 #: Lists of the warm map (:func:`dask_pervasive._protocol.warm_map_entry`) exported as gauges.
 _WARM_STATES = ("resident", "loading", "files", "failed")
 
+_warned_missing = False
 _registered: PervasiveMetricCollector | None = None
 
 
@@ -147,25 +148,8 @@ class PervasiveMetricCollector(PrometheusCollector):
 
     # -- counters ---------------------------------------------------------------------
     def worker_counters(self) -> dict[tuple[str, str], dict[str, float]]:
-        """``{(context, worker): counters}`` from heartbeats and the plugin's warm map.
-
-        Where both know a counter, the larger value wins: both are the same
-        cumulative worker counter, one of them older.
-        """
-        rows: dict[tuple[str, str], dict[str, float]] = {}
-        for addr, ws in self.server.workers.items():
-            reported = (ws.metrics or {}).get(HEARTBEAT_KEY) or {}
-            for name, counters in reported.items():
-                rows[(name, addr)] = dict(counters)
-        fields = [*COUNTERS, *BYTES_BY_SOURCE.values()]
-        for name, states in self.plugin.warm.items():
-            for addr, wc in states.items():
-                row = rows.setdefault((name, addr), {})
-                for field in fields:
-                    value = getattr(wc, field, None)
-                    if value is not None:
-                        row[field] = max(row.get(field, value), value)
-        return rows
+        """``{(context, worker): counters}``: see :func:`worker_counters`."""
+        return worker_counters(self.server, self.plugin)
 
     def _worker_counters(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily
@@ -205,6 +189,29 @@ class PervasiveMetricCollector(PrometheusCollector):
         return placements
 
 
+def worker_counters(scheduler: Scheduler, plugin: ContextSchedulerPlugin) -> dict[tuple[str, str], dict[str, float]]:
+    """``{(context, worker): counters}`` from heartbeats and the plugin's warm map.
+
+    Where both know a counter, the larger value wins: both are the same
+    cumulative worker counter, one of them older. Needs no ``prometheus_client``
+    (the dashboard page reads it too).
+    """
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for addr, ws in scheduler.workers.items():
+        reported = (ws.metrics or {}).get(HEARTBEAT_KEY) or {}
+        for name, counters in reported.items():
+            rows[(name, addr)] = dict(counters)
+    fields = [*COUNTERS, *BYTES_BY_SOURCE.values()]
+    for name, states in plugin.warm.items():
+        for addr, wc in states.items():
+            row = rows.setdefault((name, addr), {})
+            for field in fields:
+                value = getattr(wc, field, None)
+                if value is not None:
+                    row[field] = max(row.get(field, value), value)
+    return rows
+
+
 def register_metrics(scheduler: Scheduler, plugin: ContextSchedulerPlugin) -> PervasiveMetricCollector | None:
     """Expose ``plugin``'s state on ``scheduler``'s ``/metrics``. Idempotent.
 
@@ -226,7 +233,13 @@ def register_metrics(scheduler: Scheduler, plugin: ContextSchedulerPlugin) -> Pe
     try:
         import prometheus_client
     except ImportError:
-        logger.debug("pervasive: prometheus_client is not installed; no dask_pervasive_* metrics")
+        global _warned_missing
+        if not _warned_missing:  # once per process: every scheduler start would repeat it
+            _warned_missing = True
+            logger.warning(
+                "pervasive: prometheus_client is not installed, so /metrics has no dask_pervasive_* series "
+                "(pip install dask-pervasive[prometheus])"
+            )
         return None
     if _registered is not None:
         _registered.server = scheduler

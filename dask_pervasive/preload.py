@@ -200,6 +200,45 @@ def _option_callback(ctx: click.Context, param: click.Parameter, value: Sequence
 
 
 # -- worker ------------------------------------------------------------------------
+def preimport(contexts: Iterable[Context]) -> list[str]:
+    """Import now what the first load of ``contexts`` would import in its load thread.
+
+    The first ``import torch`` / ``import transformers`` of a process holds
+    the GIL for seconds (extension modules initialise under it): in a load
+    thread it stalls the worker's event loop (``Event loop was unresponsive``;
+    heartbeats and peer serving wait). A preload runs before the worker
+    registers, when nothing depends on its loop yet, and distributed starts
+    measuring the loop's ticks only after that. Only
+    :class:`~dask_pervasive.TransformersContext` loads are known ahead; a
+    missing package is left for the load to report.
+
+    Returns
+    -------
+    The modules imported (or already imported).
+    """
+    import importlib
+
+    classes = {c.load.model_class for c in contexts if isinstance(c, TransformersContext)}
+    if not classes:
+        return []
+    done = []
+    for module in ("torch", "transformers", "safetensors"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        done.append(module)
+    if "transformers" in done:
+        import transformers
+
+        for name in sorted(classes | {"AutoTokenizer"}):  # the lazy module imports each class's module on access
+            try:
+                getattr(transformers, name)
+            except AttributeError:
+                continue
+    return done
+
+
 async def setup_worker(worker: Worker, contexts: Iterable[Context] = ()) -> ContextWorkerPlugin:
     """Install :class:`ContextWorkerPlugin` on ``worker`` with config and given contexts.
 
@@ -220,6 +259,7 @@ async def setup_worker(worker: Worker, contexts: Iterable[Context] = ()) -> Cont
     counters to the worker's heartbeats.
     """
     contexts = _check_contexts([*contexts_from_config(), *contexts])
+    preimport(contexts)
     await worker.plugin_add(ContextWorkerPlugin(contexts), name=PLUGIN_NAME, catch_errors=False)
     for ctx in contexts:
         await worker.plugin_add(ContextDeclaration(ctx), catch_errors=False)

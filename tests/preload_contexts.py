@@ -34,3 +34,22 @@ def add_answer(model, x):
 
 def pid_of_answer(x):
     return dp.get_context("answer")["pid"]
+
+
+@dp.uses_context("gpt")
+def n_tokens(ctx, text):
+    """A task of the ``gpt`` (TransformersContext) context."""
+    return len(ctx.tokenizer(text)["input_ids"])
+
+
+def loop_probe(dask_worker) -> dict:
+    """Reset the worker's longest event-loop tick (so startup does not count); say what is imported already."""
+    import sys
+
+    dask_worker.digests_max["tick-duration"] = 0
+    return {m: m in sys.modules for m in ("torch", "transformers")}
+
+
+def longest_tick(dask_worker) -> float:
+    """The worker's longest event-loop tick since :func:`loop_probe`."""
+    return dask_worker.digests_max["tick-duration"]

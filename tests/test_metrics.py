@@ -160,3 +160,17 @@ def test_render_page_escapes():
 
     html = render_page(FakeScheduler(), None)
     assert "&lt;host&gt;" in html and "<host>" not in html
+
+
+def test_without_prometheus_client_warns_once(monkeypatch, caplog):
+    import sys
+
+    from dask_pervasive import metrics
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import raises ImportError
+    monkeypatch.setattr(metrics, "_warned_missing", False)
+    with caplog.at_level("WARNING", logger="dask_pervasive.metrics"):
+        assert register_metrics(object(), ContextSchedulerPlugin()) is None
+        assert register_metrics(object(), ContextSchedulerPlugin()) is None
+    warnings = [r.getMessage() for r in caplog.records if "prometheus_client" in r.getMessage()]
+    assert len(warnings) == 1 and "dask-pervasive[prometheus]" in warnings[0]

@@ -364,3 +364,41 @@ def test_local_cuda_cluster_example(capsys):
     for addr in workers:  # prewarmed: one copy (one load) on each worker
         (line,) = [row for row in table if row.startswith(addr)]
         assert line.split()[2:4] == ["cpu", "1"]
+
+
+@pytest.mark.slow
+def test_first_transformers_load_keeps_the_worker_loop_responsive(tiny_gpt2, tmp_path):
+    # A real `dask worker --preload` (nanny and all) in a fresh process: the first load there is the
+    # first `import torch`/`transformers`, which in a load thread held the GIL and stalled the loop.
+    from dask.utils import parse_timedelta
+    from distributed import LocalCluster
+    from preload_contexts import longest_tick, loop_probe, n_tokens  # cheap to import on the worker's loop
+
+    limit = parse_timedelta(dask.config.get("distributed.admin.tick.limit"))
+    contexts = [{"name": "gpt", "kind": "transformers", "source": Path(tiny_gpt2).as_uri(), "device": "cpu"}]
+    log_path = tmp_path / "worker.log"
+    with (
+        LocalCluster(n_workers=0, processes=False, protocol="tcp", dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+        open(log_path, "w") as log,
+    ):
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address, "--nthreads", "2"]
+            + ["--host", "127.0.0.1", "--no-dashboard", "--preload", *PRELOAD],
+            env=_env(DASK_PERVASIVE__CONTEXTS=json.dumps(contexts)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+        try:
+            client.wait_for_workers(1, timeout=120)
+            (imported,) = client.run(loop_probe).values()
+            assert imported == {"torch": True, "transformers": True}  # by the preload, before any load
+            assert client.gather(client.map(n_tokens, ["The Moon", "Light travels faster"])) == [2, 3]
+            (longest,) = client.run(longest_tick).values()
+        finally:
+            _stop(worker)
+    output = log_path.read_text()
+    assert "Event loop was unresponsive" not in output, output
+    assert longest < limit, f"the worker's loop stalled {longest:.2f}s during the first load"

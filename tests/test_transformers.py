@@ -103,3 +103,27 @@ def test_unknown_model_class_keeps_the_cause(tiny_gpt2):
     with pytest.raises(ValueError, match="no model class 'NoSuchModel'") as info:
         TransformersLoader(model_class="NoSuchModel")(tiny_gpt2, "cpu")
     assert isinstance(info.value.__cause__, AttributeError)
+
+
+def test_make_tiny_gpt2_prints_no_progress_bar(tmp_path):
+    # In a clean process: conftest's HF_HUB_DISABLE_PROGRESS_BARS would hide the bar here.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env["HF_HUB_OFFLINE"] = "1"
+    code = (
+        "import sys\n"
+        "from transformers.utils import logging\n"
+        "from dask_pervasive.testing import make_tiny_gpt2\n"
+        "assert logging.is_progress_bar_enabled()\n"
+        "make_tiny_gpt2(sys.argv[1])\n"
+        "assert logging.is_progress_bar_enabled(), 'the caller setting was not restored'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "m")], check=False, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Writing model shards" not in proc.stderr + proc.stdout
+    assert "%|" not in proc.stderr  # no tqdm bar of any kind

@@ -212,6 +212,16 @@ async def test_state_events_reach_scheduler(c, s, a):
     assert budgets and budgets[0]["worker"] == a.address and budgets[0]["max_bytes"] > 0
 
 
+def test_stats_to_pandas_without_pandas_names_the_extra(monkeypatch):
+    import sys
+
+    from dask_pervasive.client import ContextStatsTable
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import raises ImportError
+    with pytest.raises(ImportError, match=r"needs pandas.*dask-pervasive\[pandas\]"):
+        ContextStatsTable([{"worker": "w", "context": "v", "loads": 1}]).to_pandas()
+
+
 @gen_cluster(client=True)
 async def test_stats_to_pandas(c, s, a, b):
     pytest.importorskip("pandas")

@@ -84,5 +84,14 @@ def make_tiny_gpt2(
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
     )
-    GPT2LMHeadModel(config).save_pretrained(path)
+    # save_pretrained shows a "Writing model shards" bar: noise for a helper that runs in tests and demos.
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        GPT2LMHeadModel(config).save_pretrained(path)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return path
