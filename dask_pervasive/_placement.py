@@ -88,6 +88,7 @@ class ContextPlan:
     size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
     warm_placements: int = 0  #: workers added to the set that already held the context
     cold_placements: int = 0  #: workers added that had to load it
+    drained_at: float | None = None  #: monotonic time its backlog last drained (its set is kept a while)
     timed: bool = False  #: one of its tasks finished: Dask knows a duration (re-plan then: sets may grow)
     last_used: float = -math.inf  #: monotonic time of its last task submitted or finished, or load
 
@@ -309,15 +310,27 @@ class PlacementPlanner:
             out.append(view)
         return out
 
-    def _context_views(self) -> list[ContextView]:
+    def _context_views(self, now: float) -> list[ContextView]:
         out = []
         for plan in self.plans.values():
             if not plan.pending and not plan.members:
                 continue
+            pending = len(plan.pending)
+            if pending:
+                plan.drained_at = None
+            else:
+                # Tasks submitted one by one often finish before the next arrives: keep the set
+                # (and its workers' room) for as long as reloading would cost, so the next task
+                # finds it warm and other contexts do not evict it in between.
+                if plan.drained_at is None:
+                    plan.drained_at = now
+                grace = plan.load_seconds if plan.load_seconds is not None else self.settings.default_load_seconds
+                if now - plan.drained_at < grace:
+                    pending = 1  # a placeholder: no task is restricted, the set does not grow
             out.append(
                 ContextView(
                     plan.name,
-                    pending=len(plan.pending),
+                    pending=pending,
                     task_seconds=self._task_seconds(plan) if plan.pending else 0.0,
                     load_seconds=plan.load_seconds,
                     fetch_seconds=plan.fetch_seconds,
@@ -422,7 +435,7 @@ class PlacementPlanner:
                 plan.members -= unfit
                 too_small[plan.name] = unfit
                 self._stale.add(plan.name)
-        result = self.joint.plan(self._worker_views(now), self._context_views(), now)
+        result = self.joint.plan(self._worker_views(now), self._context_views(now), now)
         for name, decision in result.contexts.items():
             plan = self.plans[name]
             plan.members = set(decision.members)
