@@ -61,276 +61,35 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import insort
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
-from ._protocol import State
+from ._plan_model import (
+    _ABSENT,
+    _EPS,
+    _HOLDING,
+    _RESIDENT,
+    _WARMING,
+    Addition,
+    ContextDecision,
+    ContextView,
+    Holding,
+    PlannerSettings,
+    PlanResult,
+    WorkerView,
+    _Context,
+    _Worker,
+)
 
-if TYPE_CHECKING:
-    from ._settings import SchedulerSettings
-
-_EPS = 1e-3  #: seconds: smaller gains are noise
-_RESIDENT = State.RESIDENT.value
-_WARMING = frozenset({State.FETCHING.value, State.LOADING.value})
-_HOLDING = _WARMING | {_RESIDENT}
-
-
-# -- inputs ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Holding:
-    """One context on one worker, as the planner needs it (omit contexts a worker never had)."""
-
-    state: str = State.ABSENT.value  #: a :class:`~dask_pervasive._protocol.State` value
-    files: bool = False  #: the context's files are in the worker's local cache
-    loading_for: float = 0.0  #: seconds since the running fetch/load started (``fetching``/``loading``)
-    load_seconds: float | None = None  #: this worker's measured fetch + load (EWMA), None if never loaded
-    queued_seconds: float = 0.0  #: median seconds of this context's tasks queued or running on the worker
-    host_bytes: int | None = None  #: bytes held when resident (else the context's size is used)
-    device_bytes: int | None = None
-    failed_recently: bool = False  #: failed within ``retry-failed-after``: not a candidate
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """One running worker."""
-
-    address: str
-    nthreads: int = 1
-    speed: float = 1.0  #: task seconds relative to the median worker (2.0: twice slower)
-    load_factor: float = 1.0  #: load seconds relative to the context's estimate, for contexts it never loaded
-    host_budget: int | None = None  #: ``max_bytes`` (None: unlimited)
-    device_budget: int | None = None  #: ``device_max_bytes`` (None: unlimited)
-    other_seconds: float = 0.0  #: median seconds of queued work outside our contexts (plain tasks)
-    contexts: Mapping[str, Holding] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ContextView:
-    """One context with its current affinity set."""
-
-    name: str
-    pending: int  #: unfinished tasks
-    task_seconds: float = 0.0  #: median seconds per task (0 when unknown: only warm workers join)
-    load_seconds: float | None = None  #: EWMA of fetch + load over all workers
-    fetch_seconds: float | None = None  #: EWMA of the fetch part
-    size: tuple[int, int] | None = None  #: (host, device) bytes, declared or measured; None: unknown
-    members: frozenset[str] = frozenset()  #: the current affinity set
-
-
-@dataclass(frozen=True)
-class PlannerSettings:
-    """Planning rules; the first three are ``pervasive.scheduler.*``."""
-
-    prewarm: bool = True
-    prewarm_backlog: int = 8
-    default_load_seconds: float = 5.0
-    candidates: int = 4  #: workers looked at per context and step (the k best by ready time)
-    shrink_margin: float = 0.5  #: how over-provisioned a set must be before it shrinks
-    shrink_plans: int = 3  #: ... for this many consecutive plans
-    shrink_delay: float = 1.0  #: ... and this many seconds
-
-    @classmethod
-    def from_scheduler(cls, settings: SchedulerSettings, **overrides) -> PlannerSettings:
-        """The rules of a :class:`~dask_pervasive._settings.SchedulerSettings` (``overrides`` win)."""
-        values = {
-            "prewarm": settings.prewarm,
-            "prewarm_backlog": settings.prewarm_backlog,
-            "default_load_seconds": settings.default_load_seconds,
-        }
-        values.update(overrides)
-        return cls(**values)
-
-
-# -- outputs ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Addition:
-    """A worker that joins an affinity set."""
-
-    worker: str
-    cold: bool  #: it does not hold the context (resident, fetching or loading): it will load it
-    reason: str
-    evicts: tuple[str, ...] = ()  #: contexts in demand it is expected to evict to make room
-
-
-@dataclass(frozen=True)
-class ContextDecision:
-    """The new affinity set of one context."""
-
-    name: str
-    members: frozenset[str]
-    added: tuple[Addition, ...] = ()
-    removed: tuple[str, ...] = ()  #: released, failed, gone, or (no pending tasks) all of them
-    finish: float = 0.0  #: seconds until the backlog is expected done on ``members``
-    shares: Mapping[str, float] = field(default_factory=dict)  #: planned median seconds per member
-
-    @property
-    def changed(self) -> bool:
-        """The set differs from the one given: restrict all pending tasks again."""
-        return bool(self.added or self.removed)
-
-
-@dataclass(frozen=True)
-class PlanResult:
-    """What one :meth:`Planner.plan` decided."""
-
-    contexts: dict[str, ContextDecision]
-    prewarm: tuple[tuple[str, str], ...] = ()  #: ``(worker, context)`` loads to start now
-    steps: int = 0  #: greedy steps taken (for the overhead metrics)
-
-
-# -- planning state ----------------------------------------------------------------------------
-class _Worker:
-    __slots__ = (
-        "budget",
-        "ev_bytes",
-        "evictable",
-        "evicted",
-        "free",
-        "last",
-        "limited",
-        "pin_bytes",
-        "pinned",
-        "rate",
-        "version",
-        "view",
-    )
-
-    def __init__(self, view: WorkerView) -> None:
-        self.view = view
-        self.rate = max(view.nthreads, 1) / max(view.speed, 1e-9)
-        self.free = 0.0  #: seconds until its committed work ends
-        self.version = 0  #: bumped when ``free`` changes (heap entries carry it)
-        self.last: str | None = None  #: the context that ends its timeline
-        self.limited = view.host_budget is not None or view.device_budget is not None
-        self.budget = (view.host_budget or 0, view.device_budget or 0)
-        #: contexts in demand it serves or is loading: (host, device) bytes counted against the budget
-        self.pinned: dict[str, tuple[int, int]] = {}
-        self.pin_bytes = [0, 0]
-        #: held contexts in demand it does not serve: (bytes, reload seconds)
-        self.evictable: dict[str, tuple[tuple[int, int], float]] = {}
-        self.ev_bytes = [0, 0]
-        self.evicted: set[str] = set()
-
-    def used(self, size: tuple[int, int] | None) -> tuple[int, int]:
-        """Bytes ``size`` counts for (an unknown size takes the whole budget: a worker of its own)."""
-        if size is None:
-            return self.budget
-        return (
-            size[0] if self.view.host_budget is not None else 0,
-            size[1] if self.view.device_budget is not None else 0,
-        )
-
-    def pin(self, name: str, size: tuple[int, int] | None) -> None:
-        if name in self.evictable:
-            self.unevict(name)
-        if name not in self.pinned and self.limited:
-            b = self.pinned[name] = self.used(size)
-            self.pin_bytes[0] += b[0]
-            self.pin_bytes[1] += b[1]
-        elif not self.limited:
-            self.pinned[name] = (0, 0)
-
-    def unpin(self, name: str) -> tuple[int, int] | None:
-        b = self.pinned.pop(name, None)
-        if b is not None:
-            self.pin_bytes[0] -= b[0]
-            self.pin_bytes[1] -= b[1]
-        return b
-
-    def evictable_add(self, name: str, used: tuple[int, int], reload: float) -> None:
-        if name not in self.evictable and name not in self.pinned:
-            self.evictable[name] = (used, reload)
-            self.ev_bytes[0] += used[0]
-            self.ev_bytes[1] += used[1]
-
-    def unevict(self, name: str) -> None:
-        e = self.evictable.pop(name, None)
-        if e is not None:
-            self.ev_bytes[0] -= e[0][0]
-            self.ev_bytes[1] -= e[0][1]
-
-    def fit(self, name: str, size: tuple[int, int] | None) -> tuple[float, tuple[str, ...]] | None:
-        """``(reload cost, evicted contexts)`` for context ``name`` to fit in the budget; None if it cannot."""
-        if not self.limited:
-            return 0.0, ()
-        own = self.pinned.get(name)  # loading already: its bytes are counted
-        if size is None and len(self.pinned) - (own is not None) > 0:
-            return None
-        need = self.used(size)
-        h = self.pin_bytes[0] + need[0] - (own[0] if own else 0)
-        d = self.pin_bytes[1] + need[1] - (own[1] if own else 0)
-        bh, bd = self.budget
-        if h > bh or d > bd:
-            return None
-        h_all, d_all = h + self.ev_bytes[0], d + self.ev_bytes[1]
-        if h_all <= bh and d_all <= bd:
-            return 0.0, ()
-        cost, evicts = 0.0, []
-        for n, (b, reload) in sorted(self.evictable.items(), key=lambda e: (e[1][1], e[0])):
-            if h_all <= bh and d_all <= bd:
-                break
-            h_all -= b[0]
-            d_all -= b[1]
-            cost += reload
-            evicts.append(n)
-        return cost, tuple(evicts)
-
-
-class _Context:
-    __slots__ = ("active", "added", "finish", "members", "rate", "rate_ready", "removed", "rs", "view", "work")
-
-    def __init__(self, view: ContextView) -> None:
-        self.view = view
-        self.work = view.pending * max(view.task_seconds, 0.0)
-        self.members: set[str] = set()
-        #: members as (ready, -queued, address, rate, free before), sorted; the first ``active`` get work
-        self.rs: list[tuple[float, float, str, float, float]] = []
-        self.active = 0
-        self.rate = 0.0  #: sum of rates of the active members
-        self.rate_ready = 0.0  #: sum of rate * ready of the active members
-        self.finish = math.inf
-        self.added: list[Addition] = []
-        self.removed: list[str] = []
-
-    def solve(self) -> None:
-        """Water-fill the backlog over ``rs`` (sorted)."""
-        self.active, self.rate, self.rate_ready = 0, 0.0, 0.0
-        rs = self.rs
-        if not rs:
-            self.finish = math.inf
-            return
-        if self.work <= 0:
-            self.finish = rs[0][0]  # nothing to share out: done when the first member is ready
-            return
-        for i, (r, _, _, rate, _) in enumerate(rs):
-            self.rate += rate
-            self.rate_ready += rate * r
-            t = (self.work + self.rate_ready) / self.rate
-            if i + 1 == len(rs) or t <= rs[i + 1][0]:
-                self.active, self.finish = i + 1, t
-                return
-
-    def with_member(self, ready: float, rate: float) -> tuple[float, int, float, float]:
-        """``(finish, old members still active, active rate, active rate * ready)`` once one ready at ``ready`` joins.
-
-        It gets work only if ``ready < finish``; then the new active count is one more.
-        """
-        if not self.rs:
-            return ready + self.work / rate, 0, rate, rate * ready
-        if ready >= self.finish:
-            return self.finish, self.active, self.rate, self.rate_ready
-        a, total, total_ready, rs = self.active, self.rate + rate, self.rate_ready + rate * ready, self.rs
-        t = (self.work + total_ready) / total
-        while a > 0 and rs[a - 1][0] >= t:  # members now ready too late drop out of the water level
-            a -= 1
-            total -= rs[a][3]
-            total_ready -= rs[a][3] * rs[a][0]
-            t = (self.work + total_ready) / total
-        return t, a, total, total_ready
-
-    def shares(self) -> dict[str, float]:
-        return {addr: rate * (self.finish - r) for r, _, addr, rate, _ in self.rs[: self.active]}
+__all__ = [
+    "Addition",
+    "ContextDecision",
+    "ContextView",
+    "Holding",
+    "PlanResult",
+    "Planner",
+    "PlannerSettings",
+    "WorkerView",
+]
 
 
 class Planner:
@@ -726,6 +485,3 @@ class Planner:
                 a, total, total_ready, finish = keep - 1, total - rate, total_ready - rate * r, after
             keep -= 1
         return keep
-
-
-_ABSENT = Holding()
