@@ -147,6 +147,34 @@ def _time_to_warm(timeline: list[dict[str, Any]], loads: list[dict[str, Any]]) -
     }
 
 
+def settle_joined_loads(session: Session, since: float, timeout: float = 120.0) -> bool:
+    """Wait (untimed) until no worker that joined since ``since`` has a pervasive load in flight.
+
+    The run ends when its last job does; a worker that joined late may then
+    still be loading its first copy (its tasks went back to warm workers
+    meanwhile), and its ``resident`` event comes after the run. Without this
+    wait its time to warm was read as missing (``None``, the "n/a" of the
+    scale-out target). ``False`` if loads were still in flight at the timeout.
+    """
+    import dask_pervasive as dp
+    from dask_pervasive._protocol import WARMING_STATES
+
+    warming = {s.value for s in WARMING_STATES}
+    deadline = time.monotonic() + timeout
+    while True:
+        joined = {e["worker"] for e in worker_timeline(session.client, since) if e["action"] == "add-worker"}
+        if not joined:
+            return True
+        live = set(session.client.scheduler_info(n_workers=-1)["workers"])
+        rows = dp.stats(session.client) if joined & live else []
+        if not any(r["worker"] in joined and r["state"] in warming for r in rows):
+            time.sleep(0.1)  # the last resident event on its way to the scheduler
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 def summarize_run(
     name: str, records: list[dict[str, Any]], session: Session, n0: int, since: float, until: float, makespan: float
 ) -> dict[str, Any]:
@@ -232,6 +260,8 @@ def run_strategy(
         if thread:
             thread.join(timeout=60)
         time.sleep(0.1)  # let the last worker events reach the scheduler
+        if name.startswith("pervasive"):
+            settle_joined_loads(session, since)
         out = summarize_run(name, records, session, n_workers, since, until, makespan)
         out["setup_s"] = round(setup_s, 3)
         out["disturbances"] = [{**e, "t": round(e["t"] - since, 3)} for e in log]
