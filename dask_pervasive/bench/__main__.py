@@ -17,9 +17,13 @@ from typing import Any
 
 from dask.utils import format_bytes, parse_bytes
 
+from dask_pervasive.bench.ray_strategies import RAY_STRATEGY_NAMES
 from dask_pervasive.bench.scenarios import PRESETS, SCENARIOS, Env, Params, run_scenario, with_overrides
 from dask_pervasive.bench.strategies import DEFAULT_STRATEGIES, STRATEGY_NAMES
 from dask_pervasive.bench.workload import MODEL_SIZES
+
+#: What --strategies accepts: the Dask strategies and Ray's (which skip with a line when Ray is absent).
+CHOICES = STRATEGY_NAMES + RAY_STRATEGY_NAMES
 
 
 def _csv(choices: tuple[str, ...]):
@@ -52,12 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--strategies",
-        type=_csv(STRATEGY_NAMES),
+        type=_csv(CHOICES),
         default=None,
         metavar="NAMES",
-        help=f"comma-separated subset of {', '.join(STRATEGY_NAMES)} (default: {','.join(DEFAULT_STRATEGIES)} "
+        help=f"comma-separated subset of {', '.join(CHOICES)} (default: {','.join(DEFAULT_STRATEGIES)} "
         "in every scenario; with --quick, the ones each scenario's targets compare; scale-out adds "
-        "pervasive-origin, its origin-only reference, whenever pervasive runs)",
+        "pervasive-origin, its origin-only reference, whenever pervasive runs; ray-data and ray-serve need "
+        "the bench-ray extra and run steady and multi only)",
     )
     parser.add_argument("--workers", type=int, help="workers per cluster (default 2)")
     parser.add_argument("--out", default="bench-results", help="output directory (default: ./bench-results)")

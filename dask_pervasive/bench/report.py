@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Any
 
+from dask_pervasive.bench.ray_strategies import ray_checks
+
 MB = 1e6
 
 #: Strategy colours in the plots.
@@ -15,6 +17,8 @@ COLOURS = {
     "actors": "tab:purple",
     "pervasive": "tab:blue",
     "pervasive-origin": "tab:cyan",
+    "ray-data": "tab:green",
+    "ray-serve": "tab:olive",
 }
 
 
@@ -39,6 +43,7 @@ def checks(payload: dict[str, Any]) -> list[dict[str, Any]]:
     scenarios = payload["scenarios"]
     for name, result in scenarios.items():
         out.extend(CHECKS[name](result, payload))
+        out.extend(ray_checks(name, result))
         eq = result["equality"]
         same = all(e["identical"] for e in eq.values()) if name == "batch-sweep" else eq["identical"]
         worst = max(e["max_abs_diff"] for e in eq.values()) if name == "batch-sweep" else eq["max_abs_diff"]
