@@ -274,19 +274,34 @@ class _NoDaskEvents:
         return []
 
 
-def _init_ray(n_slots: int) -> float:
+def _init_ray(n_slots: int, attempts: int = 3) -> float:
+    """``ray.init`` with ``n_slots`` CPUs; seconds it took (all attempts).
+
+    Retried: Ray waits a fixed 30 s for its raylet, which a crowded machine
+    can miss ("The current node timed out during startup").
+    """
     import ray
 
     t0 = time.perf_counter()
-    ray.init(
-        num_cpus=n_slots,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        # Every Ray worker process imports the libraries when it starts (the Dask workers
-        # fork from a process that has them); the set-up then waits for it (_warm_workers).
-        runtime_env={"env_vars": dict(ENVIRONMENT), "worker_process_setup_hook": f"{__name__}.preload_modules"},
-    )
+    for attempt in range(attempts):
+        try:
+            ray.init(
+                num_cpus=n_slots,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="ERROR",
+                # Every Ray worker process imports the libraries when it starts (the Dask workers
+                # fork from a process that has them); the set-up then waits for it (_warm_workers).
+                runtime_env={
+                    "env_vars": dict(ENVIRONMENT),
+                    "worker_process_setup_hook": f"{__name__}.preload_modules",
+                },
+            )
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
     return time.perf_counter() - t0
 
 

@@ -388,7 +388,11 @@ def run_scenario(
     for name in strategies:
         say(f"{scenario}: {name}")
         if name in ray_strategies.RAY_STRATEGY_NAMES:
-            run = runs[name] = ray_strategies.run_strategy(name, jobs, env, n0, capacity, summarize_run)
+            try:
+                run = runs[name] = ray_strategies.run_strategy(name, jobs, env, n0, capacity, summarize_run)
+            except Exception as exc:  # noqa: BLE001 - an optional peer system must not end the benchmark
+                say(f"skipping {name} in {scenario}: Ray failed ({type(exc).__name__}: {exc})")
+                continue
         else:
             run = runs[name] = run_strategy(name, jobs, env, n0, capacity, action)
         ideal = ideal_s(scenario, params, run)
