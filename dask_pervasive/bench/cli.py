@@ -35,12 +35,15 @@ from dask.utils import format_bytes, parse_bytes
 
 from dask_pervasive.bench import placement
 from dask_pervasive.bench.presets import PRESETS, SCENARIOS, Params, with_overrides
+from dask_pervasive.bench.ray_strategies import RAY_STRATEGY_NAMES
 from dask_pervasive.bench.report import environment, say, write_json
 from dask_pervasive.bench.strategies import DEFAULT_STRATEGIES, STRATEGY_NAMES
 from dask_pervasive.bench.workload import MINILM, MODEL_CHOICES, MODEL_SIZES, model_class_for, model_description
 
 PROG = "python -m dask_pervasive.bench"
 COMMANDS = ("strategies", "placement", "bootstrap")
+#: What --strategies accepts: the Dask strategies and Ray's (which skip with a line when Ray is absent).
+STRATEGY_CHOICES = STRATEGY_NAMES + RAY_STRATEGY_NAMES
 
 
 def _csv(choices: tuple[str, ...]):
@@ -74,12 +77,13 @@ def _add_strategies(sub: Any) -> None:
     )
     parser.add_argument(
         "--strategies",
-        type=_csv(STRATEGY_NAMES),
+        type=_csv(STRATEGY_CHOICES),
         default=None,
         metavar="NAMES",
-        help=f"comma-separated subset of {', '.join(STRATEGY_NAMES)} (default: {','.join(DEFAULT_STRATEGIES)} "
+        help=f"comma-separated subset of {', '.join(STRATEGY_CHOICES)} (default: {','.join(DEFAULT_STRATEGIES)} "
         "in every scenario; with --quick, the ones each scenario's targets compare; scale-out adds "
-        "pervasive-origin, its origin-only reference, whenever pervasive runs)",
+        "pervasive-origin, its origin-only reference, whenever pervasive runs; ray-data and ray-serve need "
+        "the bench-ray extra and run steady and multi only)",
     )
     parser.add_argument("--workers", type=int, help="workers per cluster (default 2)")
     parser.add_argument("--out", default="bench-results", help="output directory (default: ./bench-results)")

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dask_pervasive.bench import ray_strategies
 from dask_pervasive.bench.harness import (
     Job,
     Model,
@@ -325,6 +326,7 @@ def run_scenario(
     """Every strategy on ``scenario``; per-strategy results plus the scenario's common numbers."""
     size = params.sizes[scenario]
     env.origin.bandwidth = params.origin_bandwidth(scenario, env.models[0].file_bytes)
+    strategies = _runnable(scenario, strategies, say)
     if scenario == "batch-sweep":
         return run_batch_sweep(params, strategies, env, say)
     jobs = scenario_jobs(scenario, params, env)
@@ -341,7 +343,14 @@ def run_scenario(
     runs = {}
     for name in strategies:
         say(f"{scenario}: {name}")
-        run = runs[name] = run_strategy(name, jobs, env, n0, capacity, action)
+        if name in ray_strategies.RAY_STRATEGY_NAMES:
+            try:
+                run = runs[name] = ray_strategies.run_strategy(name, jobs, env, n0, capacity, summarize_run)
+            except Exception as exc:  # noqa: BLE001 - an optional peer system must not end the benchmark
+                say(f"skipping {name} in {scenario}: Ray failed ({type(exc).__name__}: {exc})")
+                continue
+        else:
+            run = runs[name] = run_strategy(name, jobs, env, n0, capacity, action)
         ideal = ideal_s(scenario, params, run)
         run["ideal_s"] = round(ideal, 3) if ideal else None
         run["efficiency"] = round(ideal / run["makespan_s"], 3) if ideal else None
@@ -355,6 +364,18 @@ def run_scenario(
         "equality": compare_scores({n: r["scores"] for n, r in runs.items()}),
         "runs": runs,
     }
+
+
+def _runnable(scenario: str, strategies: list[str], say: Callable[[str], None]) -> list[str]:
+    """``strategies`` without the Ray ones that cannot run ``scenario`` here (each skip said once)."""
+    out = []
+    for name in strategies:
+        why = ray_strategies.unavailable(name, scenario) if name in ray_strategies.RAY_STRATEGY_NAMES else None
+        if why:
+            say(why)
+        else:
+            out.append(name)
+    return out
 
 
 def compare_scores(by_strategy: dict[str, list[Any]], tolerance: float = 1e-4) -> dict[str, Any]:

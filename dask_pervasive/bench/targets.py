@@ -8,7 +8,8 @@ strategies ran but whose value could not be measured is a miss (``False``):
 a check that cannot fail is no check. A run's exit status is 0 when no row
 has ``ok=False`` (:func:`exit_status`).
 
-* the strategy comparison: :func:`strategy_checks`;
+* the strategy comparison: :func:`strategy_checks` (with Ray, when its
+  strategies ran: :func:`ray_checks`);
 * placement, plugin on vs off: :func:`placement_checks`;
 * bootstrap, peers vs origin-only: :func:`bootstrap_checks`.
 """
@@ -24,6 +25,7 @@ from dask_pervasive.bench.placement import (
     PREEMPT_TASKS,
     TASK_SECONDS,
 )
+from dask_pervasive.bench.ray_strategies import RAY_SCENARIOS, RAY_STRATEGY_NAMES
 
 
 def _row(scenario: str, metric: str, values: dict[str, Any], target: str, ok: bool | None) -> dict[str, Any]:
@@ -64,6 +66,7 @@ def strategy_checks(payload: dict[str, Any]) -> list[dict[str, Any]]:
     scenarios = payload["scenarios"]
     for name, result in scenarios.items():
         out.extend(STRATEGY_CHECKS[name](result, payload))
+        out.extend(ray_checks(name, result))
         eq = result["equality"]
         same = all(e["identical"] for e in eq.values()) if name == "batch-sweep" else eq["identical"]
         worst = max(e["max_abs_diff"] for e in eq.values()) if name == "batch-sweep" else eq["max_abs_diff"]
@@ -204,6 +207,32 @@ def check_batch_sweep(result: dict[str, Any], payload: dict[str, Any]) -> list[d
             None if perv is None or naive is None else perv < naive,
         ),
     ]
+
+
+def ray_checks(scenario: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Pervasive versus each Ray strategy that ran in ``scenario`` (none ran: no rows).
+
+    Targets (issue 15): multi, makespan <= 0.8 x Ray's and loads <= Ray's;
+    steady, makespan within 1.1 x of Ray's (an actor pool is the best case
+    when one model fits everywhere).
+    """
+    out: list[dict[str, Any]] = []
+    if scenario not in RAY_SCENARIOS:
+        return out
+    runs = _runs(result)
+    perv = runs.get("pervasive")
+    for name in RAY_STRATEGY_NAMES:
+        if name not in runs:
+            continue
+        ran = perv is not None
+        makespan = _ratio(_makespan(result, "pervasive"), _makespan(result, name))
+        bound = 0.8 if scenario == "multi" else 1.1
+        out.append(check(scenario, f"makespan pervasive / {name}", makespan, f"<= {bound}", _le(makespan, bound, ran)))
+        if scenario == "multi":
+            loads = f"{perv['loads']} vs {runs[name]['loads']}" if perv else None
+            ok = perv["loads"] <= runs[name]["loads"] if perv else None
+            out.append(check(scenario, f"loads pervasive vs {name}", loads, "<=", ok))
+    return out
 
 
 STRATEGY_CHECKS = {
