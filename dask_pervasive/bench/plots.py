@@ -14,6 +14,8 @@ COLOURS = {
     "actors": "tab:purple",
     "pervasive": "tab:blue",
     "pervasive-origin": "tab:cyan",
+    "ray-data": "tab:green",
+    "ray-serve": "tab:olive",
 }
 
 

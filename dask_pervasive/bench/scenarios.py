@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dask_pervasive.bench import ray_strategies
 from dask_pervasive.bench.harness import (
     Job,
     Model,
@@ -151,6 +152,34 @@ def _time_to_warm(timeline: list[dict[str, Any]], loads: list[dict[str, Any]]) -
     }
 
 
+def settle_joined_loads(session: Session, since: float, timeout: float = 120.0) -> bool:
+    """Wait (untimed) until no worker that joined since ``since`` has a pervasive load in flight.
+
+    The run ends when its last job does; a worker that joined late may then
+    still be loading its first copy (its tasks went back to warm workers
+    meanwhile), and its ``resident`` event comes after the run. Without this
+    wait its time to warm was read as missing (``None``, the "n/a" of the
+    scale-out target). ``False`` if loads were still in flight at the timeout.
+    """
+    import dask_pervasive as dp
+    from dask_pervasive._protocol import WARMING_STATES
+
+    warming = {s.value for s in WARMING_STATES}
+    deadline = time.monotonic() + timeout
+    while True:
+        joined = {e["worker"] for e in worker_timeline(session.client, since) if e["action"] == "add-worker"}
+        if not joined:
+            return True
+        live = set(session.client.scheduler_info(n_workers=-1)["workers"])
+        rows = dp.stats(session.client) if joined & live else []
+        if not any(r["worker"] in joined and r["state"] in warming for r in rows):
+            time.sleep(0.1)  # the last resident event on its way to the scheduler
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 def summarize_run(
     name: str, records: list[dict[str, Any]], session: Session, n0: int, since: float, until: float, makespan: float
 ) -> dict[str, Any]:
@@ -236,6 +265,8 @@ def run_strategy(
         if thread:
             thread.join(timeout=60)
         time.sleep(0.1)  # let the last worker events reach the scheduler
+        if name.startswith("pervasive"):
+            settle_joined_loads(session, since)
         out = summarize_run(name, records, session, n_workers, since, until, makespan)
         out["setup_s"] = round(setup_s, 3)
         out["disturbances"] = [{**e, "t": round(e["t"] - since, 3)} for e in log]
@@ -299,6 +330,7 @@ def run_scenario(
     """Every strategy on ``scenario``; per-strategy results plus the scenario's common numbers."""
     size = params.sizes[scenario]
     env.origin.bandwidth = params.origin_bandwidth(scenario, env.models[0].file_bytes)
+    strategies = _runnable(scenario, strategies, say)
     if scenario == "batch-sweep":
         return run_batch_sweep(params, strategies, env, say)
     jobs = scenario_jobs(scenario, params, env)
@@ -317,7 +349,14 @@ def run_scenario(
     runs = {}
     for name in strategies:
         say(f"{scenario}: {name}")
-        run = runs[name] = run_strategy(name, jobs, env, n0, capacity, action)
+        if name in ray_strategies.RAY_STRATEGY_NAMES:
+            try:
+                run = runs[name] = ray_strategies.run_strategy(name, jobs, env, n0, capacity, summarize_run)
+            except Exception as exc:  # noqa: BLE001 - an optional peer system must not end the benchmark
+                say(f"skipping {name} in {scenario}: Ray failed ({type(exc).__name__}: {exc})")
+                continue
+        else:
+            run = runs[name] = run_strategy(name, jobs, env, n0, capacity, action)
         ideal = ideal_s(scenario, params, run)
         run["ideal_s"] = round(ideal, 3) if ideal else None
         run["efficiency"] = round(ideal / run["makespan_s"], 3) if ideal else None
@@ -331,6 +370,18 @@ def run_scenario(
         "equality": compare_scores({n: r["scores"] for n, r in runs.items()}),
         "runs": runs,
     }
+
+
+def _runnable(scenario: str, strategies: list[str], say: Callable[[str], None]) -> list[str]:
+    """``strategies`` without the Ray ones that cannot run ``scenario`` here (each skip said once)."""
+    out = []
+    for name in strategies:
+        why = ray_strategies.unavailable(name, scenario) if name in ray_strategies.RAY_STRATEGY_NAMES else None
+        if why:
+            say(why)
+        else:
+            out.append(name)
+    return out
 
 
 def compare_scores(by_strategy: dict[str, list[Any]], tolerance: float = 1e-4) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import dask
 
 import dask_pervasive as dp
 from dask_pervasive.bench.harness import Job, Session
-from dask_pervasive.bench.workload import Loaded, fetch_and_load, score_batch
+from dask_pervasive.bench.workload import Loaded, fetch_and_load, model_class_for, score_batch
 
 
 # -- task side (runs on workers) -----------------------------------------------------------
@@ -258,7 +258,10 @@ class Pervasive(Strategy):
         self.name = "pervasive" if peers else "pervasive-origin"
 
     def start(self, session: Session, contexts: list[str]) -> None:
-        ctxs = [dp.TransformersContext(n, source=session.url(n)) for n in contexts]
+        ctxs = [
+            dp.TransformersContext(n, source=session.url(n), model_class=model_class_for(session.models[n].path))
+            for n in contexts
+        ]
         kwargs = {"max_bytes": session.capacity} if session.capacity is not None else {}
         # The plugins read pervasive.* settings when constructed, on the client.
         with dask.config.set({"pervasive.transfer.peers": self.peers}):

@@ -3,10 +3,13 @@
 A row is a dict ``{"scenario", "metric", <value columns>, "target", "ok"}``:
 one ``value`` column (:func:`check`) or the plugin-on and -off columns
 (:func:`compare`); ``ok`` is ``True`` (met), ``False`` (missed) or ``None``
-(no target, or not measurable in this run). A run's exit status is 0 when no
-row has ``ok=False`` (:func:`exit_status`).
+(no target, or the strategies it compares did not run). A target whose
+strategies ran but whose value could not be measured is a miss (``False``):
+a check that cannot fail is no check. A run's exit status is 0 when no row
+has ``ok=False`` (:func:`exit_status`).
 
-* the strategy comparison: :func:`strategy_checks`;
+* the strategy comparison: :func:`strategy_checks` (with Ray, when its
+  strategies ran: :func:`ray_checks`);
 * placement, plugin on vs off: :func:`placement_checks`;
 * bootstrap, peers vs origin-only: :func:`bootstrap_checks`.
 """
@@ -22,6 +25,7 @@ from dask_pervasive.bench.placement import (
     PREEMPT_TASKS,
     TASK_SECONDS,
 )
+from dask_pervasive.bench.ray_strategies import RAY_SCENARIOS, RAY_STRATEGY_NAMES
 
 
 def _row(scenario: str, metric: str, values: dict[str, Any], target: str, ok: bool | None) -> dict[str, Any]:
@@ -44,8 +48,11 @@ def exit_status(rows: list[dict[str, Any]]) -> int:
     return 0 if all(r["ok"] is not False for r in rows) else 1
 
 
-def _le(value: float | None, bound: float) -> bool | None:
-    return None if value is None else value <= bound
+def _le(value: float | None, bound: float, ran: bool = True) -> bool | None:
+    """``value <= bound``; ``None`` when the strategies compared did not run, a miss when they ran unmeasured."""
+    if not ran:
+        return None
+    return value is not None and value <= bound
 
 
 # -- the strategy comparison ----------------------------------------------------------------------
@@ -59,6 +66,7 @@ def strategy_checks(payload: dict[str, Any]) -> list[dict[str, Any]]:
     scenarios = payload["scenarios"]
     for name, result in scenarios.items():
         out.extend(STRATEGY_CHECKS[name](result, payload))
+        out.extend(ray_checks(name, result))
         eq = result["equality"]
         same = all(e["identical"] for e in eq.values()) if name == "batch-sweep" else eq["identical"]
         worst = max(e["max_abs_diff"] for e in eq.values()) if name == "batch-sweep" else eq["max_abs_diff"]
@@ -70,18 +78,46 @@ def _runs(result: dict[str, Any]) -> dict[str, Any]:
     return result["runs"]
 
 
+def _ran(result: dict[str, Any], *strategies: str) -> bool:
+    return all(s in _runs(result) for s in strategies)
+
+
 def _makespan(result: dict[str, Any], strategy: str) -> float | None:
     run = _runs(result).get(strategy)
     return run["makespan_s"] if run else None
+
+
+#: Targets that are tighter on the pretrained model (issue 15): its loads are real work, its
+#: compute per item larger, so the fixed overheads weigh less. Other models: the defaults.
+MODEL_BOUNDS = {"minilm": {"steady/ideal": 1.15, "multi/global-cache": 0.5}}
+DEFAULT_BOUNDS = {"steady/ideal": 1.25, "multi/global-cache": 0.7}
+
+
+def _bound(payload: dict[str, Any], key: str) -> float:
+    model = payload.get("params", {}).get("model")
+    return MODEL_BOUNDS.get(model, {}).get(key, DEFAULT_BOUNDS[key])
 
 
 def check_steady(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
     perv = _runs(result).get("pervasive")
     vs_naive = _ratio(_makespan(result, "pervasive"), _makespan(result, "naive"))
     vs_ideal = _ratio(perv["makespan_s"], perv["ideal_s"]) if perv else None
+    ideal_bound = _bound(payload, "steady/ideal")
     return [
-        check("steady", "makespan pervasive / naive", vs_naive, "<= 0.30", _le(vs_naive, 0.30)),
-        check("steady", "makespan pervasive / ideal bound", vs_ideal, "<= 1.25", _le(vs_ideal, 1.25)),
+        check(
+            "steady",
+            "makespan pervasive / naive",
+            vs_naive,
+            "<= 0.30",
+            _le(vs_naive, 0.30, _ran(result, "pervasive", "naive")),
+        ),
+        check(
+            "steady",
+            "makespan pervasive / ideal bound",
+            vs_ideal,
+            f"<= {ideal_bound}",
+            _le(vs_ideal, ideal_bound, _ran(result, "pervasive")),
+        ),
     ]
 
 
@@ -90,9 +126,11 @@ def check_multi(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[st
     makespan = _ratio(_makespan(result, "pervasive"), _makespan(result, "global-cache"))
     perv, gc = runs.get("pervasive"), runs.get("global-cache")
     loads = _ratio(perv["loads"], gc["loads"]) if perv and gc else None
+    ran = _ran(result, "pervasive", "global-cache")
+    bound = _bound(payload, "multi/global-cache")
     return [
-        check("multi", "makespan pervasive / global-cache", makespan, "<= 0.7", _le(makespan, 0.7)),
-        check("multi", "loads pervasive / global-cache", loads, "<= 0.5", _le(loads, 0.5)),
+        check("multi", "makespan pervasive / global-cache", makespan, f"<= {bound}", _le(makespan, bound, ran)),
+        check("multi", "loads pervasive / global-cache", loads, "<= 0.5", _le(loads, 0.5, ran)),
     ]
 
 
@@ -108,7 +146,13 @@ def check_preempt(result: dict[str, Any], payload: dict[str, Any]) -> list[dict[
             "all",
             complete,
         ),
-        check("preempt", "makespan pervasive / global-cache", ratio, "<= 0.8", _le(ratio, 0.8)),
+        check(
+            "preempt",
+            "makespan pervasive / global-cache",
+            ratio,
+            "<= 0.8",
+            _le(ratio, 0.8, _ran(result, "pervasive", "global-cache")),
+        ),
     ]
 
 
@@ -126,8 +170,20 @@ def check_scale_out(result: dict[str, Any], payload: dict[str, Any]) -> list[dic
     reads = perv["origin_reads"] / len(result["contexts"]) if perv else None
     warm = _ratio(mean_time_to_warm(perv), mean_time_to_warm(runs.get("pervasive-origin")))
     return [
-        check("scale-out", "origin bytes / context size (pervasive)", reads, "<= 1.5", _le(reads, 1.5)),
-        check("scale-out", "time to warm pervasive / origin-only", warm, "<= 0.4", _le(warm, 0.4)),
+        check(
+            "scale-out",
+            "origin bytes / context size (pervasive)",
+            reads,
+            "<= 1.5",
+            _le(reads, 1.5, _ran(result, "pervasive")),
+        ),
+        check(
+            "scale-out",
+            "time to warm pervasive / origin-only",
+            warm,
+            "<= 0.4",
+            _le(warm, 0.4, _ran(result, "pervasive", "pervasive-origin")),
+        ),
     ]
 
 
@@ -160,7 +216,13 @@ def check_batch_sweep(result: dict[str, Any], payload: dict[str, Any]) -> list[d
     perv = runs["pervasive"]["throughput_max_over_min"] if "pervasive" in runs else None
     naive = runs["naive"]["throughput_max_over_min"] if "naive" in runs else None
     return [
-        check("batch-sweep", "throughput max/min (pervasive)", perv, "<= 1.5", _le(perv, 1.5)),
+        check(
+            "batch-sweep",
+            "throughput max/min (pervasive)",
+            perv,
+            "<= 1.5",
+            _le(perv, 1.5, _ran(result, "pervasive")),
+        ),
         check(
             "batch-sweep",
             "throughput max/min pervasive vs naive",
@@ -169,6 +231,32 @@ def check_batch_sweep(result: dict[str, Any], payload: dict[str, Any]) -> list[d
             None if perv is None or naive is None else perv < naive,
         ),
     ]
+
+
+def ray_checks(scenario: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Pervasive versus each Ray strategy that ran in ``scenario`` (none ran: no rows).
+
+    Targets (issue 15): multi, makespan <= 0.8 x Ray's and loads <= Ray's;
+    steady, makespan within 1.1 x of Ray's (an actor pool is the best case
+    when one model fits everywhere).
+    """
+    out: list[dict[str, Any]] = []
+    if scenario not in RAY_SCENARIOS:
+        return out
+    runs = _runs(result)
+    perv = runs.get("pervasive")
+    for name in RAY_STRATEGY_NAMES:
+        if name not in runs:
+            continue
+        ran = perv is not None
+        makespan = _ratio(_makespan(result, "pervasive"), _makespan(result, name))
+        bound = 0.8 if scenario == "multi" else 1.1
+        out.append(check(scenario, f"makespan pervasive / {name}", makespan, f"<= {bound}", _le(makespan, bound, ran)))
+        if scenario == "multi":
+            loads = f"{perv['loads']} vs {runs[name]['loads']}" if perv else None
+            ok = perv["loads"] <= runs[name]["loads"] if perv else None
+            out.append(check(scenario, f"loads pervasive vs {name}", loads, "<=", ok))
+    return out
 
 
 STRATEGY_CHECKS = {

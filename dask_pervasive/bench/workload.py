@@ -11,12 +11,19 @@ unpickle it by reference to ``dask_pervasive.bench.workload``.
   context's directory from the origin URL into a fresh temporary directory
   with fsspec ``get``, then ``from_pretrained`` model and tokenizer — the same
   two steps :class:`dask_pervasive.TransformersContext` performs.
-* :data:`MODEL_SIZES` names the model configurations (``--model``).
+* :data:`MODEL_SIZES` names the model configurations (``--model``);
+  ``--model minilm`` (:data:`MINILM`) is the pretrained all-MiniLM-L6-v2
+  sentence encoder instead: a task then scores each pair by the cosine
+  similarity of the claim's and the evidence's embeddings
+  (:func:`encoder_scores`), the retrieval score of a FEVER-style pipeline.
+  Which kind a model directory holds is read from its ``config.json``
+  (:func:`model_class_for`).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import shutil
@@ -74,6 +81,27 @@ MODEL_SIZES = {
         ModelSize("gpu", 12, 1024, 16, "12 layers x 1024, about 600 MB: the default when CUDA is present"),
     )
 }
+
+
+#: ``--model`` name of the pretrained sentence encoder (see :func:`dask_pervasive.bench.harness.build_minilm_models`).
+MINILM = "minilm"
+MINILM_DESCRIPTION = "the pretrained all-MiniLM-L6-v2 sentence encoder (6-layer BERT, 91 MB), scores by cosine"
+#: Every ``--model`` choice.
+MODEL_CHOICES = (*MODEL_SIZES, MINILM)
+#: ``model_type`` values of sentence encoders (loaded with ``AutoModel``, scored by :func:`encoder_scores`).
+ENCODER_TYPES = frozenset({"bert"})
+
+
+def model_class_for(path: str) -> str:
+    """The ``transformers`` auto class for the model directory ``path``, from its ``config.json``."""
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    return "AutoModel" if model_type in ENCODER_TYPES else "AutoModelForCausalLM"
+
+
+def model_description(name: str) -> str:
+    """What ``--model name`` is (the help text)."""
+    return MINILM_DESCRIPTION if name == MINILM else MODEL_SIZES[name].description
 
 
 def make_items(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -134,9 +162,13 @@ def score_batch(model: Any, tokenizer: Any, device: str, items: list[tuple[str, 
 
     Items go through the model :func:`micro_batch` at a time. Right padding
     with an attention mask leaves every row's result as if it ran alone (up to
-    float rounding), so any batching scores the same.
+    float rounding), so any batching scores the same. A sentence encoder
+    (:data:`ENCODER_TYPES`) scores with :func:`encoder_scores` instead.
     """
     import torch
+
+    if model.config.model_type in ENCODER_TYPES:
+        return encoder_scores(model, tokenizer, device, items)
 
     bos = tokenizer.bos_token_id
     claims = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c, _ in items]
@@ -150,6 +182,35 @@ def score_batch(model: Any, tokenizer: Any, device: str, items: list[tuple[str, 
             with_evidence = _claim_loglik(model, [[bos, *ev, *cl] for ev, cl in zip(e, c)], lens, bos, device)
             alone = _claim_loglik(model, [[bos, *cl] for cl in c], lens, bos, device)
             scores.extend((with_evidence - alone).cpu().tolist())
+    return scores
+
+
+def _embed(model: Any, tokenizer: Any, device: str, texts: list[str]) -> Any:
+    """Mean-pooled, L2-normalised embeddings (how all-MiniLM-L6-v2 was trained), one padded pass."""
+    import torch
+
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt").to(device)
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def encoder_scores(model: Any, tokenizer: Any, device: str, items: list[tuple[str, str]]) -> list[float]:
+    """Support score of each (claim, evidence) pair with a sentence encoder: cosine of their embeddings.
+
+    Items go through the model :func:`micro_batch` at a time, as in :func:`score_batch`.
+    """
+    import torch
+
+    step = micro_batch(device)
+    scores: list[float] = []
+    with torch.inference_mode():
+        for i in range(0, len(items), step):
+            part = items[i : i + step]
+            claims = _embed(model, tokenizer, device, [c for c, _ in part])
+            evidence = _embed(model, tokenizer, device, [e for _, e in part])
+            scores.extend((claims * evidence).sum(-1).cpu().tolist())
     return scores
 
 
@@ -194,7 +255,8 @@ def fetch_and_load(url: str) -> Loaded:
         fetched = time.perf_counter()
         nbytes_read = sum(os.path.getsize(os.path.join(local, f)) for f in os.listdir(local))
         device = default_device()
-        model = transformers.AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).to(device).eval()
+        auto = getattr(transformers, model_class_for(local))
+        model = auto.from_pretrained(local, dtype=torch.float32).to(device).eval()
         model.requires_grad_(False)
         tokenizer = transformers.AutoTokenizer.from_pretrained(local)
     finally:
