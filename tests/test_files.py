@@ -154,7 +154,7 @@ def test_zip_archive_source(tmp_path, inner):
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("model/weights.bin", b"w" * 5000)
         zf.writestr("model/cfg/config.json", b"{}")
-    result = fetch_source(f"zip://{inner}::file://{archive}", {}, str(tmp_path / "c"), 1024)
+    result = fetch_source(f"zip://{inner}::file://{archive}", {}, str(tmp_path / "c"), settings(1024))
     prefix = "" if inner else "model/"
     assert sorted(result.manifest["files"]) == [f"{prefix}cfg/config.json", f"{prefix}weights.bin"]
     assert result.bytes_fetched == 5002
