@@ -212,6 +212,58 @@ async def test_tasks_go_only_to_workers_that_can_hold_the_context(c, s):
             assert rows[w.address]["failures"] == 0 and rows[w.address]["loads"] == 0
 
 
+def load_150mb(path, device):
+    return {"weights": np.ones(150 * 2**20 // 8)}  # 150 MiB, measured after the load (not declared)
+
+
+@dp.uses_context("grows")
+def use_grows(model, x):
+    return len(model["weights"]) * 0 + x + 1
+
+
+# The small worker's 200 MB is below this test process's own RSS: keep Dask's memory monitor from
+# pausing it (a paused worker gets no tasks; the budget is what this test is about).
+NO_MEMORY_MONITOR = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause", "terminate")}
+
+
+# Work stealing off: it would move the queued tasks to an idle big worker by itself, hiding whether
+# the scheduler plugin moves them (it must: stealing is off on some clusters, and skips busy targets).
+@gen_cluster(
+    client=True, nthreads=[], timeout=90, config={**NO_MEMORY_MONITOR, "distributed.scheduler.work-stealing": False}
+)
+async def test_queued_tasks_leave_a_worker_found_too_small_after_they_were_sent(c, s):
+    """Item 12, size learnt late: tasks already queued on a worker that cannot hold the context move.
+
+    The context declares no size. Its tasks go to the only worker there is (100 MB budget) and wait
+    there behind a blocked task; a big worker then loads it (150 MiB, measured): the queued tasks must
+    run on the big worker while the small one is still blocked, and nothing loads or fails on the small one.
+    """
+    grows = dp.Context("grows", load=load_150mb, device="cpu")
+    async with Worker(s.address, nthreads=1, memory_limit="200MB") as small:
+        await dp.install(c, [grows], max_bytes=0.5)
+        GATE.clear()
+        blocker = c.submit(wait_for_gate, workers=[small.address], pure=False)
+        try:
+            futures = c.map(use_grows, range(10))
+            await until(lambda: all(_processing_on(s, f.key) == small.address for f in futures))
+            async with Worker(s.address, nthreads=2, memory_limit="4GB") as big:
+                await dp.prewarm(c, "grows", workers=[big.address], progress=False)
+                # the small worker is still blocked: these can only finish on the big one
+                assert await asyncio.wait_for(c.gather(futures), 60) == [x + 1 for x in range(10)]
+                ran_on = await c.run_on_scheduler(_where_ran, [f.key for f in futures])
+                assert set(ran_on.values()) == {big.address}
+        finally:
+            GATE.set()
+        await blocker
+        row = {r["worker"]: r for r in await dp.stats(c) if r["context"] == "grows"}.get(small.address, {})
+        assert row.get("loads", 0) == 0 and row.get("failures", 0) == 0
+
+
+def _processing_on(s, key):
+    ts = s.tasks.get(key)
+    return ts.processing_on.address if ts is not None and ts.processing_on is not None else None
+
+
 def wait_for_gate():
     assert GATE.wait(30), "test never opened the gate"
 
