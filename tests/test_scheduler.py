@@ -58,13 +58,15 @@ def test_finish_time_water_filling():
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 4)
 async def test_few_tasks_wait_for_the_warm_worker(c, s, *workers):
-    await dp.install(c, [SLOW])
+    # The backlog (12 x 0.02 s) must stay well below a load (2 s) even when a busy machine
+    # stretches the measured task time several-fold: the load is a sleep, the tasks are not.
+    await dp.install(c, [dp.Context("slow", load=functools.partial(load_sleep, seconds=2.0), device="cpu")])
     a = workers[0]
     await dp.prewarm(c, "slow", workers=[a.address], progress=False)
     # the duration of the task prefix is known (load time excluded)
     await c.submit(short_task, -1, workers=[a.address])
-    futs = c.map(short_task, range(20))
-    assert await c.gather(futs) == [x + 1 for x in range(20)]
+    futs = c.map(short_task, range(12))
+    assert await c.gather(futs) == [x + 1 for x in range(12)]
     assert set(ran_on(s, futs)) == {a.address}
     assert await loads(c) == 1
     placements = [m for _, m in s.get_events("pervasive") if m.get("action") == "placement"]
