@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 
@@ -14,9 +15,11 @@ import dask_pervasive as dp
 from dask_pervasive.scheduler import ContextSchedulerPlugin
 
 QUICK = dp.Context("quick", load=functools.partial(load_sleep, seconds=0.1), device="cpu")
-# Loads of 0.5 s: a cold worker pays only for an imbalance of more than 1 s (25 tasks) between two backlogs.
-FIRST = dp.Context("first", load=functools.partial(load_sleep, seconds=0.5), device="cpu")
-OTHER = dp.Context("other", load=functools.partial(load_sleep, seconds=0.5), device="cpu")
+# Loads of 1 s: a cold worker pays only for an imbalance of more than 2 s (10 tasks of 0.2 s) between two
+# backlogs. Tasks of 0.2 s (not 0.04 s) keep scheduling overhead, which a busy machine inflates, a small part
+# of each measured duration, so two prefixes' estimates stay within that margin of each other.
+FIRST = dp.Context("first", load=functools.partial(load_sleep, seconds=1.0), device="cpu")
+OTHER = dp.Context("other", load=functools.partial(load_sleep, seconds=1.0), device="cpu")
 
 #: Addresses whose tasks take twice as long (the workers run in this process).
 SLOW_WORKERS: set[str] = set()
@@ -29,14 +32,14 @@ def timed_task(model, x):
 
 
 @dp.uses_context("first")
-def first_task(model, x):
-    time.sleep(0.04)
+def first_task(model, x, seconds=0.04):
+    time.sleep(seconds)
     return model["value"] + x
 
 
 @dp.uses_context("other")
-def other_task(model, x):
-    time.sleep(0.04)
+def other_task(model, x, seconds=0.04):
+    time.sleep(seconds)
     return model["value"] + x
 
 
@@ -93,12 +96,18 @@ async def test_a_worker_serving_one_context_is_not_free_for_another(c, s, a, b):
     """Each context warm on its own worker, both with a backlog: neither takes the other's worker."""
     plugin = await add_plugin(s, ContextSchedulerPlugin(prewarm_backlog=2, interval="100ms"))
     await dp.install(c, [FIRST, OTHER], scheduler=False)
-    await dp.prewarm(c, "first", workers=[a.address], progress=False)
-    await dp.prewarm(c, "other", workers=[b.address], progress=False)
-    await c.submit(first_task, -1, workers=[a.address])  # Dask learns both durations
-    await c.submit(other_task, -1, workers=[b.address])
+    await asyncio.gather(
+        dp.prewarm(c, "first", workers=[a.address], progress=False),
+        dp.prewarm(c, "other", workers=[b.address], progress=False),
+    )
+    for i in range(2):  # Dask learns both durations
+        await c.submit(first_task, -1 - i, seconds=0.2, workers=[a.address])
+        await c.submit(other_task, -1 - i, seconds=0.2, workers=[b.address])
     # One graph, so both backlogs are known to the same plan (two maps would let the first take b).
-    tasks = [dask.delayed(first_task)(i) for i in range(40)] + [dask.delayed(other_task)(i) for i in range(40)]
+    # 4 s of backlog each: seen one context at a time, the other's worker looks free and joining it
+    # cold would pay ((4 + 1) / 2 < 4); seen jointly it is busy for as long.
+    tasks = [dask.delayed(first_task)(i, seconds=0.2) for i in range(20)]
+    tasks += [dask.delayed(other_task)(i, seconds=0.2) for i in range(20)]
     await c.gather(c.compute(tasks))
     assert plugin.plans["first"].cold_placements == 0 and plugin.plans["other"].cold_placements == 0
     assert (await dp.stats(c)).total("loads") == 2
