@@ -368,7 +368,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         if found:
             now = time.monotonic()
             for name in self._fresh:
-                self.plans[name].last_used = now
+                self.plans[name].last_used = self.plans[name].submitted_at = now
             self._check_worker_plugin(scheduler)
             self._replan_for_submit(stimulus_id or f"pervasive-update-graph-{time.time()}")
 

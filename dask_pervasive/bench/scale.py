@@ -40,6 +40,7 @@ stall caused by us.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import statistics
 import threading
@@ -115,13 +116,14 @@ def time_hooks(dask_scheduler: Any) -> None:
     if plugin is None:
         return
     state: dict[str, Any] = {"depth": 0, "max": 0.0, "cpu_max": 0.0, "total": 0.0, "cpu_total": 0.0, "calls": 0}
+    state.update(gc=0.0, gc_max=0.0, nogc_max=0.0)
     state["wall"], state["cpu"] = [], []
     plugin._bench_hooks = state
 
     def timed(hook: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             state["depth"] += 1
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0, g0 = time.perf_counter(), time.thread_time(), state["gc"]
             try:
                 return hook(*args, **kwargs)
             finally:
@@ -133,6 +135,9 @@ def time_hooks(dask_scheduler: Any) -> None:
                     state["calls"] += 1
                     state["max"] = max(state["max"], dt)
                     state["cpu_max"] = max(state["cpu_max"], dc)
+                    in_gc = state["gc"] - g0  # the collector's passes that ran inside this call
+                    state["gc_max"] = max(state["gc_max"], in_gc)
+                    state["nogc_max"] = max(state["nogc_max"], dt - in_gc)
                     if dt > _HOOK_SAMPLE_FROM:  # the distribution's tail; the many tiny calls only count
                         state["wall"].append(dt)
                         state["cpu"].append(dc)
@@ -141,6 +146,22 @@ def time_hooks(dask_scheduler: Any) -> None:
 
     for name in _HOOKS:
         setattr(plugin, name, timed(getattr(plugin, name)))
+
+    # Garbage collector passes inside our hooks: a full pass walks the whole process's heap (here
+    # every in-process worker's too), whoever's allocation triggers it, so it is reported apart.
+    collecting: dict[str, float] = {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if threading.get_ident() != loop_thread:
+            return
+        if phase == "start":
+            collecting["t"] = time.perf_counter()
+        elif "t" in collecting and state["depth"] > 0:
+            state["gc"] += time.perf_counter() - collecting.pop("t")
+
+    loop_thread = threading.get_ident()
+    gc.callbacks.append(on_gc)
+    state["gc_callback"] = on_gc
 
     lag = state["lag"] = {"max": 0.0, "ticks": 0}
     loop = asyncio.get_running_loop()
@@ -164,6 +185,8 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
     cpu = sorted(plugin.replan_cpu_seconds)
     hooks = getattr(plugin, "_bench_hooks", {})
     hooks["stopped"] = True
+    if hooks.get("gc_callback") in gc.callbacks:
+        gc.callbacks.remove(hooks["gc_callback"])
     out: dict[str, Any] = {"replans": len(samples)}
     if samples:
         out.update(
@@ -181,6 +204,9 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
         hook_total_ms=round(1e3 * hooks.get("total", 0.0), 1),
         hook_cpu_total_ms=round(1e3 * hooks.get("cpu_total", 0.0), 1),
         hook_calls=calls,
+        hook_gc_max_ms=round(1e3 * hooks.get("gc_max", 0.0), 3),
+        hook_nogc_max_ms=round(1e3 * hooks.get("nogc_max", 0.0), 3),
+        hook_gc_total_ms=round(1e3 * hooks.get("gc", 0.0), 1),
     )
     for kind in ("wall", "cpu"):
         tail = sorted(hooks.get(kind, ()))
