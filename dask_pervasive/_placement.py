@@ -50,7 +50,6 @@ _SPEED_TOLERANCE = 0.1  #: a worker's view is rebuilt when its speed moved more 
 _MIN_TIMED = 5e-3  #: seconds: tasks shorter than this do not measure speeds
 _SAMPLE = 32  #: pending tasks looked at for a context's task time
 _TIMINGS = 4096  #: re-plan timings kept
-_ARRIVING = 1.0  #: seconds since a context's last submit during which its tasks count as still arriving
 
 
 @dataclass
@@ -93,7 +92,6 @@ class ContextPlan:
     drained_at: float | None = None  #: monotonic time its backlog last drained (its set is kept a while)
     timed: bool = False  #: one of its tasks finished: Dask knows a duration (re-plan then: sets may grow)
     last_used: float = -math.inf  #: monotonic time of its last task submitted or finished, or load
-    submitted_at: float = -math.inf  #: monotonic time tasks of it were last submitted
 
 
 def find_context(run_spec: Any, budget: int = 64) -> str | None:
@@ -370,7 +368,6 @@ class PlacementPlanner:
                     fetch_seconds=plan.fetch_seconds,
                     size=plan.size,
                     members=frozenset(plan.members),
-                    arriving=now - plan.submitted_at < _ARRIVING,
                 )
             )
         return out

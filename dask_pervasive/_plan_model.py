@@ -67,8 +67,6 @@ class ContextView:
     fetch_seconds: float | None = None  #: EWMA of the fetch part
     size: tuple[int, int] | None = None  #: (host, device) bytes, declared or measured; None: unknown
     members: frozenset[str] = frozenset()  #: the current affinity set
-    #: tasks are still being submitted: its backlog grows, so its workers stay its own (no cold load of another)
-    arriving: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,7 @@ up while loading and evicting. Because a worker busy with context A is ready
 for B only after A, busy workers look busy, and because the latest context
 chooses first, one context cannot take the workers another one needs. A
 context with ``pending <= prewarm_backlog * members`` (or no more pending
-tasks than members) does not grow; a warm idle worker joins for free. The
-model knows only the tasks submitted so far: while tasks of a context are
-still *arriving* (submitted one by one), the time its workers look free
-after its backlog is an underestimate, so no other context loads cold onto
-a worker that serves it (the sets partition the workers, as tight budgets
-force anyway; an over-provisioned set gives workers back by shrinking).
+tasks than members) does not grow; a warm idle worker joins for free.
 
 Sets shrink with hysteresis: a member is surplus when it contributes nothing
 (ready after ``T``), or when the set without it still has
@@ -272,8 +267,6 @@ class Planner:
             finish_now = c.finish
             for w in self._candidates(c, ws, heap, holders[name]):
                 if name not in w.view.contexts:
-                    if w.last is not None and w.last != name and demand[w.last].view.arriving:
-                        continue  # serves a context still being submitted to: its free time is a guess
                     # Cold: it pays only if the backlog outlasts its free time plus twice its load
                     # (the work the set saves is rate * (finish - ready), the work it gives up
                     # rate * overhead); and it must beat the best so far.

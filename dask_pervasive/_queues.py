@@ -17,12 +17,16 @@ queue (see :meth:`dask_pervasive._placement.PlacementPlanner._rebalance`).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
+
+from ._protocol import State
 
 if TYPE_CHECKING:
     from distributed import Scheduler
     from distributed.scheduler import WorkerState
+
+    from ._placement import ContextPlan, WorkerContext
 
 #: The ``stealing`` event of a confirmed steal: ``("confirm", key, state, victim, thief, stimulus_id)``.
 STEAL_CONFIRM = "confirm"
@@ -175,3 +179,31 @@ def steal_within_set(
         if sent >= free:
             break
     return sent
+
+
+def rebalance(
+    scheduler: Scheduler,
+    queues: WorkerQueues,
+    plans: Mapping[str, ContextPlan],
+    warm: Mapping[str, Mapping[str, WorkerContext]],
+    workers: Iterable[str],
+) -> None:
+    """Each of ``workers`` with a free thread takes queued tasks of the sets it is in (see :func:`steal_within_set`).
+
+    Only contexts resident on it count (a loading one cannot run them yet).
+    Cost: ``O(contexts)`` per worker plus the steals' own.
+    """
+    for addr in workers:
+        ws = scheduler.workers.get(addr)
+        free = ws.nthreads - len(ws.processing) if ws is not None and ws in scheduler.running else 0
+        if free <= 0:
+            continue
+        for name, plan in plans.items():
+            if not plan.pending or addr not in plan.members or len(plan.members) < 2:
+                continue
+            wc = warm.get(name, {}).get(addr)
+            if wc is None or wc.state is not State.RESIDENT:
+                continue
+            free -= steal_within_set(scheduler, queues, ws, name, plan.members, free)
+            if free <= 0:
+                break

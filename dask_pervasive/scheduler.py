@@ -52,7 +52,7 @@ from ._protocol import (
     State,
     WorkerHandler,
 )
-from ._queues import STEAL_CONFIRM, steal_within_set
+from ._queues import STEAL_CONFIRM, rebalance
 from ._retirement import is_leaving, retirement_candidates
 from ._settings import SchedulerSettings
 from .transfer import SourceCoordinator
@@ -293,29 +293,10 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         self._dry.add(worker)
 
     def _rebalance(self) -> None:
-        """Members with a free thread take queued tasks of their sets from members with a queue.
-
-        Only contexts resident on the member (a loading one cannot run them
-        yet); see :func:`dask_pervasive._queues.steal_within_set`.
-        """
+        """Members with a free thread take queued tasks of their sets (:func:`~dask_pervasive._queues.rebalance`)."""
         dry, self._dry = self._dry, set()
-        scheduler = self.scheduler
-        if scheduler is None:
-            return
-        for addr in dry:
-            ws = scheduler.workers.get(addr)
-            free = ws.nthreads - len(ws.processing) if ws is not None and ws in scheduler.running else 0
-            if free <= 0:
-                continue
-            for name, plan in self.plans.items():
-                if not plan.pending or addr not in plan.members or len(plan.members) < 2:
-                    continue
-                wc = self.warm.get(name, {}).get(addr)
-                if wc is None or wc.state is not State.RESIDENT:
-                    continue
-                free -= steal_within_set(scheduler, self.queues, ws, name, plan.members, free)
-                if free <= 0:
-                    break
+        if self.scheduler is not None:
+            rebalance(self.scheduler, self.queues, self.plans, self.warm, dry)
 
     def _plan_for(self, name: str) -> ContextPlan:
         plan = self.plans.get(name)
@@ -368,7 +349,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         if found:
             now = time.monotonic()
             for name in self._fresh:
-                self.plans[name].last_used = self.plans[name].submitted_at = now
+                self.plans[name].last_used = now
             self._check_worker_plugin(scheduler)
             self._replan_for_submit(stimulus_id or f"pervasive-update-graph-{time.time()}")
 

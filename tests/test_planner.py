@@ -546,24 +546,3 @@ def test_settings_from_the_scheduler_settings_and_no_prewarm():
     assert (settings.prewarm, settings.prewarm_backlog, settings.shrink_plans) == (False, 2, 5)
     result = plan_once(views(4), [ContextView("m", pending=300, task_seconds=0.02, load_seconds=0.5)], settings)
     assert len(result.contexts["m"].members) == 4 and result.prewarm == ()
-
-
-@pytest.mark.parametrize("arriving", [False, True])
-def test_no_cold_load_onto_a_worker_of_a_context_still_arriving(arriving):
-    """A's workers look free after its 2 s backlog; while A's tasks still arrive, B does not load onto them."""
-    a_workers, b_workers = addrs(4, "a"), addrs(2, "b")
-    ws = [WorkerView(w, contexts={"A": RESIDENT}) for w in a_workers] + [
-        WorkerView(w, contexts={"B": RESIDENT}) for w in b_workers
-    ]
-    ctxs = [
-        ContextView(
-            "A", pending=40, task_seconds=0.2, load_seconds=1.0, members=frozenset(a_workers), arriving=arriving
-        ),
-        ContextView("B", pending=400, task_seconds=0.2, load_seconds=1.0, members=frozenset(b_workers)),
-    ]
-    d = plan_once(ws, ctxs, PlannerSettings(prewarm_backlog=1)).contexts
-    taken = d["B"].members & set(a_workers)
-    if arriving:
-        assert not taken and d["A"].members == set(a_workers)
-    else:
-        assert taken  # without arrivals A's workers are free after 2 s, long before B's 40 s backlog ends
