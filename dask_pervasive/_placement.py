@@ -13,9 +13,11 @@ events, prewarm requests).
 
 Cost per re-plan, besides the planner's: ``O(C)`` context views (task time
 from a sample of at most ``_SAMPLE`` pending tasks, not all of them), and
-``O(W)`` worker views of which only those whose state changed since the last
-plan (or with a load running or a recent failure, whose numbers age) are
-rebuilt, each in ``O(h)`` (contexts it holds). Applying a changed set
+``O(W)`` worker views of which only those whose state or queue changed since
+the last plan (or with a load running or a recent failure, whose numbers age)
+are rebuilt, each in ``O(h + q)`` (contexts it holds, contexts it has tasks
+of: the queue counts come from :class:`~dask_pervasive._queues.WorkerQueues`,
+kept incrementally, never from a scan of the tasks). Applying a changed set
 re-restricts that context's pending tasks (``O(pending)``); otherwise only new
 keys are restricted.
 """
