@@ -270,14 +270,18 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         """
         now = time.monotonic()
         wait = _SUBMIT_REPLAN_GAP - (now - self._last_replan)
-        if wait <= 0 or self._stale or any(not self.plans[name].members for name in self._fresh):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the scheduler's loop (tests of the hooks alone)
+            loop = None
+        if loop is None or wait <= 0 or self._stale or any(not self.plans[name].members for name in self._fresh):
             self.replan(stimulus_id)  # restricts the new tasks, and older ones only of sets that changed
             return
         for name, keys in self._fresh.items():
             self._apply(self.plans[name], stimulus_id, keys)
         self._fresh.clear()
         if self._replan_later is None:
-            self._replan_later = asyncio.get_running_loop().call_later(wait, self._replan_deferred)
+            self._replan_later = loop.call_later(wait, self._replan_deferred)
 
     def _replan_deferred(self) -> None:
         self._replan_later = None
