@@ -13,9 +13,11 @@ events, prewarm requests).
 
 Cost per re-plan, besides the planner's: ``O(C)`` context views (task time
 from a sample of at most ``_SAMPLE`` pending tasks, not all of them), and
-``O(W)`` worker views of which only those whose state changed since the last
-plan (or with a load running or a recent failure, whose numbers age) are
-rebuilt, each in ``O(h)`` (contexts it holds). Applying a changed set
+``O(W)`` worker views of which only those whose state or queue changed since
+the last plan (or with a load running or a recent failure, whose numbers age)
+are rebuilt, each in ``O(h + q)`` (contexts it holds, contexts it has tasks
+of: the queue counts come from :class:`~dask_pervasive._queues.WorkerQueues`,
+kept incrementally, never from a scan of the tasks). Applying a changed set
 re-restricts that context's pending tasks (``O(pending)``); otherwise only new
 keys are restricted.
 """
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._planner import Addition, ContextView, Holding, Planner, PlannerSettings, WorkerView
 from ._protocol import EVENT_TOPIC, WARMING_STATES, Action, State, warm_map_entry
+from ._queues import WorkerQueues
 from .context import context_of
 
 if TYPE_CHECKING:
@@ -160,6 +163,7 @@ class PlacementPlanner:
     budgets: dict[str, tuple[int | None, int | None]]
     _stale: set[str]
     _fresh: dict[str, set]
+    _last_replan: float
 
     # -- per-worker measurements ------------------------------------------------------
     @property
@@ -194,6 +198,14 @@ class PlacementPlanner:
             out = self.__dict__["_replan_cpu_seconds"] = deque(maxlen=_TIMINGS)
         return out
 
+    @property
+    def queues(self) -> WorkerQueues:
+        """Our tasks in ``processing`` per worker and context (kept from transitions and steals)."""
+        queues = self.__dict__.get("_queues")
+        if queues is None:
+            queues = self.__dict__["_queues"] = WorkerQueues()
+        return queues
+
     def _views_cache(self) -> dict[str, Any]:
         cache = self.__dict__.get("_views")
         if cache is None:
@@ -214,6 +226,7 @@ class PlacementPlanner:
         for part in cache.values():
             part.pop(addr, None)
         self.rates.pop(addr, None)
+        self.queues.forget_worker(addr)
 
     def _observe_load(self, plan: ContextPlan, addr: str, wc: WorkerContext, seconds: float) -> None:
         """A load of ``plan`` on ``addr`` took ``seconds``: its own EWMA and its load factor."""
@@ -235,6 +248,7 @@ class PlacementPlanner:
         if plan is not None and not plan.timed:
             # Until now its task time was a lower bound (0 before any ran): only warm workers could join.
             plan.timed = True
+            self.queues.mark_all()  # queued work of this context was counted as 0 seconds
             if plan.pending:
                 self._schedule_replan()
         compute = sum(s["stop"] - s["start"] for s in startstops if s.get("action") == "compute")
@@ -257,7 +271,7 @@ class PlacementPlanner:
             self._touch_worker(worker)
 
     # -- views -------------------------------------------------------------------------
-    def _holding(self, wc: WorkerContext, now: float) -> Holding:
+    def _holding(self, wc: WorkerContext, now: float, queued: float = 0.0) -> Holding:
         failed = (
             wc.state is State.FAILED
             and wc.failed_at is not None
@@ -269,34 +283,48 @@ class PlacementPlanner:
             files=wc.files,
             loading_for=now - wc.loading_since if wc.state in WARMING_STATES else 0.0,
             load_seconds=wc.load_seconds,
+            queued_seconds=queued,
             host_bytes=wc.host_bytes if resident else None,
             device_bytes=wc.device_bytes if resident else None,
             failed_recently=failed,
         )
 
-    def _worker_views(self, now: float) -> list[WorkerView]:
-        """Views of the running workers; unchanged ones come from the cache."""
+    def _worker_views(self, now: float, task_seconds: dict[str, float]) -> list[WorkerView]:
+        """Views of the running workers; unchanged ones (state and queues) come from the cache.
+
+        A worker's queued work per context is its tasks in ``processing``
+        (from :attr:`queues`) times the context's task time
+        (``task_seconds``); work of a context it holds nothing of goes to its
+        ``other_seconds``, with its plain tasks (Dask's occupancy minus ours).
+        """
         assert self.scheduler is not None
         cache = self._views_cache()
         versions, views, by_worker = cache["version"], cache["views"], cache["by_worker"]
+        changed = self.queues.take_changed()
         out = []
         for ws in self.scheduler.running:
             addr = ws.address
             version = versions.get(addr, 0)
             cached = views.get(addr)
-            if cached is not None and cached[0] == version and not cached[2]:
+            if cached is not None and cached[0] == version and not cached[2] and addr not in changed:
                 out.append(cached[1])
                 continue
             volatile = False
             contexts = {}
-            for name, wc in by_worker.get(addr, {}).items():
+            held = by_worker.get(addr, {})
+            counts = self.queues.counts(addr)
+            queued = {name: n * task_seconds.get(name, 0.0) for name, n in counts.items()}
+            ours = sum(queued.values())
+            for name, wc in held.items():
                 if wc.state is State.ABSENT and not wc.files:
                     continue
-                h = self._holding(wc, now)
+                h = self._holding(wc, now, queued.pop(name, 0.0))
                 volatile = volatile or wc.state in WARMING_STATES or h.failed_recently
                 contexts[name] = h
             r = self.rates.get(addr)
             host_budget, device_budget = self.budgets.get(addr, (None, None))
+            # Plain tasks: Dask's occupancy (estimated seconds of all its processing tasks) less ours.
+            plain = max(0.0, ws.occupancy - ours) if len(ws.processing) > sum(counts.values()) else 0.0
             view = WorkerView(
                 addr,
                 nthreads=ws.nthreads,
@@ -304,11 +332,17 @@ class PlacementPlanner:
                 load_factor=r.load_factor if r is not None else 1.0,
                 host_budget=host_budget,
                 device_budget=device_budget,
+                # Queued for contexts it holds nothing of (a member's is in the context's own backlog).
+                other_seconds=plain + sum(v for n, v in queued.items() if addr not in self._members_of(n)),
                 contexts=contexts,
             )
             views[addr] = (version, view, volatile)
             out.append(view)
         return out
+
+    def _members_of(self, name: str) -> set[str] | frozenset[str]:
+        plan = self.plans.get(name)
+        return plan.members if plan is not None else frozenset()
 
     def _context_views(self, now: float) -> list[ContextView]:
         out = []
@@ -427,7 +461,7 @@ class PlacementPlanner:
         if scheduler is None:
             return
         started, cpu = time.perf_counter(), time.thread_time()
-        now = time.monotonic()
+        now = self._last_replan = time.monotonic()
         too_small: dict[str, set[str]] = {}
         for plan in self.plans.values():
             unfit = {a for a in plan.members if self._cannot_hold(plan, a)}
@@ -435,7 +469,9 @@ class PlacementPlanner:
                 plan.members -= unfit
                 too_small[plan.name] = unfit
                 self._stale.add(plan.name)
-        result = self.joint.plan(self._worker_views(now), self._context_views(now), now)
+        contexts = self._context_views(now)
+        task_seconds = {c.name: c.task_seconds for c in contexts}
+        result = self.joint.plan(self._worker_views(now, task_seconds), contexts, now)
         for name, decision in result.contexts.items():
             plan = self.plans[name]
             plan.members = set(decision.members)

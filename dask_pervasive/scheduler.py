@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ from ._protocol import (
     State,
     WorkerHandler,
 )
+from ._queues import STEAL_CONFIRM, rebalance
 from ._retirement import is_leaving, retirement_candidates
 from ._settings import SchedulerSettings
 from .transfer import SourceCoordinator
@@ -60,6 +62,9 @@ if TYPE_CHECKING:
     from distributed.scheduler import WorkerState
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between re-plans triggered by submits (new tasks in between join the current sets).
+_SUBMIT_REPLAN_GAP = 0.05
 
 # Re-exported: the planning pieces lived here before _placement.
 __all__ = ["ContextPlan", "ContextSchedulerPlugin", "WorkerContext", "finish_time"]
@@ -131,6 +136,9 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         self._stale: set[str] = set()  # contexts whose pending tasks all need their restrictions re-applied
         self._fresh: dict[str, set] = defaultdict(set)  # context -> new keys not restricted yet
         self._replan_soon = False  # a re-plan is scheduled for the next loop iteration
+        self._replan_later: asyncio.TimerHandle | None = None  # the deferred re-plan after submits
+        self._last_replan = -math.inf  # monotonic time of the last re-plan
+        self._dry: set[str] = set()  # workers with a free thread to check for tail rebalancing (next iteration)
         self.transfer: SourceCoordinator | None = None  # who copies context files from whom
 
     # -- lifecycle -----------------------------------------------------------
@@ -162,11 +170,18 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             self.transfer.close()
         if self._callback is not None:
             self._callback.stop()
+        if self._replan_later is not None:
+            self._replan_later.cancel()
         for t in list(self._background):
             t.cancel()
 
     # -- what workers tell us --------------------------------------------------
     def log_event(self, topic: str, msg: Any) -> None:
+        if topic == "stealing":
+            # A confirmed steal moves a task between workers without a transition.
+            if isinstance(msg, (list, tuple)) and len(msg) > 4 and msg[0] == STEAL_CONFIRM:
+                self.queues.move(msg[1], msg[4])
+            return
         if not isinstance(msg, dict):
             return
         if topic != EVENT_TOPIC:
@@ -220,6 +235,8 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             # Memory pressure pushed it out: stop sending its tasks there.
             plan.members.discard(worker)
             self._stale.add(name)
+        if plan.pending and wc.state is State.RESIDENT and previous_state is not State.RESIDENT:
+            self._rebalance_soon(worker)  # warm now: may take queued work from other members
         if plan.pending and wc.state != previous_state and wc.state in (State.RESIDENT, State.FAILED, State.EVICTED):
             # A worker just became warm (a free member, or the set can grow) or stopped being
             # one: re-plan now rather than at the next tick, so queued tasks use it at once.
@@ -241,6 +258,49 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         self._replan_soon = False
         if any(p.pending for p in self.plans.values()):
             self.replan(f"pervasive-state-{time.time()}")
+
+    def _replan_for_submit(self, stimulus_id: str) -> None:
+        """New tasks arrived: restrict them, re-planning at most every ``_SUBMIT_REPLAN_GAP`` seconds.
+
+        One-by-one submits are one ``update_graph`` each: re-planning on every
+        one is most of our time in the scheduler (and its allocations feed
+        the garbage collector's full passes). In between, new tasks go to the
+        current set and the re-plan follows within the gap. A new context
+        (no set yet) or stale restrictions re-plan at once.
+        """
+        now = time.monotonic()
+        wait = _SUBMIT_REPLAN_GAP - (now - self._last_replan)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the scheduler's loop (tests of the hooks alone)
+            loop = None
+        if loop is None or wait <= 0 or self._stale or any(not self.plans[name].members for name in self._fresh):
+            self.replan(stimulus_id)  # restricts the new tasks, and older ones only of sets that changed
+            return
+        for name, keys in self._fresh.items():
+            self._apply(self.plans[name], stimulus_id, keys)
+        self._fresh.clear()
+        if self._replan_later is None:
+            self._replan_later = loop.call_later(wait, self._replan_deferred)
+
+    def _replan_deferred(self) -> None:
+        self._replan_later = None
+        self._replan_now()
+
+    def _rebalance_soon(self, worker: str) -> None:
+        """Check ``worker`` for a free thread on the next loop iteration (a burst of finishes costs one check)."""
+        if not self._dry:
+            try:
+                asyncio.get_running_loop().call_soon(self._rebalance)
+            except RuntimeError:  # outside the scheduler's loop (tests of the hooks alone)
+                return
+        self._dry.add(worker)
+
+    def _rebalance(self) -> None:
+        """Members with a free thread take queued tasks of their sets (:func:`~dask_pervasive._queues.rebalance`)."""
+        dry, self._dry = self._dry, set()
+        if self.scheduler is not None:
+            rebalance(self.scheduler, self.queues, self.plans, self.warm, dry)
 
     def _plan_for(self, name: str) -> ContextPlan:
         plan = self.plans.get(name)
@@ -295,14 +355,21 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             for name in self._fresh:
                 self.plans[name].last_used = now
             self._check_worker_plugin(scheduler)
-            # Restricts the new tasks, and the older ones only of sets that changed.
-            self.replan(stimulus_id or f"pervasive-update-graph-{time.time()}")
+            self._replan_for_submit(stimulus_id or f"pervasive-update-graph-{time.time()}")
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         name = self.task_context.get(key)
         if name is None:
             return
         plan = self.plans[name]
+        if finish == "processing":
+            ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+            if ts is not None and ts.processing_on is not None:
+                self.queues.add(key, ts.processing_on.address, name)
+        elif start == "processing":
+            worker = self.queues.discard(key)
+            if worker is not None and plan.pending:
+                self._rebalance_soon(worker)
         if finish in ("memory", "erred"):
             plan.pending.discard(key)
             if finish == "memory":

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 
 import dask
+import pytest
 from distributed import get_worker
-from distributed.utils_test import gen_cluster
+from distributed.utils_test import async_poll_for, gen_cluster
 from loaders import load_sleep
 
 import dask_pervasive as dp
@@ -112,3 +114,77 @@ async def test_a_worker_serving_one_context_is_not_free_for_another(c, s, a, b):
     assert plugin.plans["first"].cold_placements == 0 and plugin.plans["other"].cold_placements == 0
     assert (await dp.stats(c)).total("loads") == 2
     assert {e["reason"].split(" (")[0] for e in placements(s)} == {"first worker"}
+
+
+#: Per-worker gates for ``gated_task`` (the workers run in this process).
+GATES: dict[str, threading.Event] = {}
+
+
+@dp.uses_context("quick")
+def gated_task(model, x):
+    assert GATES[get_worker().address].wait(timeout=30)
+    return get_worker().address
+
+
+def processing_of(s, addr):
+    return sum(1 for ts in s.workers[addr].processing if ts.key in s.plugins[ContextSchedulerPlugin.name].task_context)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2)
+async def test_queued_work_per_worker_follows_transitions(c, s, a, b):
+    """The index behind the planner's queued seconds matches Dask's processing sets, and empties."""
+    plugin = await add_plugin(s, ContextSchedulerPlugin(prewarm_backlog=1, interval="10s"))
+    await dp.install(c, [QUICK], scheduler=False)
+    await dp.prewarm(c, "quick", workers=[a.address, b.address], progress=False)
+    GATES.update({a.address: threading.Event(), b.address: threading.Event()})
+    GATES[a.address].set()
+    await c.submit(gated_task, -1, workers=[a.address])  # Dask learns the duration (user restricted: not ours)
+    GATES[a.address] = threading.Event()
+    try:
+        futures = c.map(gated_task, range(6))
+        await async_poll_for(lambda: sum(len(ws.processing) for ws in s.workers.values()) == 6, timeout=10)
+        for addr in (a.address, b.address):
+            assert plugin.queues.count(addr, "quick") == processing_of(s, addr)
+        plugin.replan("test")
+        views = plugin._views_cache()["views"]
+        duration = s.task_prefixes["gated_task"].duration_average
+        assert duration > 0
+        for addr in (a.address, b.address):
+            queued = views[addr][1].contexts["quick"].queued_seconds
+            assert queued == pytest.approx(processing_of(s, addr) * duration)
+        for gate in GATES.values():
+            gate.set()
+        await c.gather(futures)
+        assert len(plugin.queues) == 0
+    finally:
+        GATES.clear()
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 2,
+    config={"distributed.scheduler.work-stealing-interval": "1h"},  # Dask's own balancing never runs
+)
+async def test_a_member_that_runs_dry_takes_queued_work_from_another(c, s, a, b):
+    """Both warm, tasks split between them; the one that finishes first takes the other's queued task."""
+    plugin = await add_plugin(s, ContextSchedulerPlugin(prewarm_backlog=1, interval="10s"))
+    await dp.install(c, [QUICK], scheduler=False)
+    await dp.prewarm(c, "quick", workers=[a.address, b.address], progress=False)
+    GATES.update({a.address: threading.Event(), b.address: threading.Event()})
+    try:
+        futures = c.map(gated_task, range(4))
+        await async_poll_for(lambda: sum(len(ws.processing) for ws in s.workers.values()) == 4, timeout=10)
+        assert plugin.plans["quick"].members == {a.address, b.address}
+        first, other = sorted((a.address, b.address), key=lambda addr: processing_of(s, addr))
+        assigned = processing_of(s, first)
+        assert 1 <= assigned <= 2 and processing_of(s, other) - 1 >= 1  # ``other`` has a task queued
+        GATES[first].set()  # only ``first`` runs: ``other`` stays busy with its running task
+        await async_poll_for(lambda: sum(f.done() for f in futures) == 4 - 1, timeout=10)
+        done = await c.gather([f for f in futures if f.done()])
+        assert done == [first] * 3  # it ran its own and took the one queued behind ``other``'s running task
+        GATES[other].set()
+        assert sorted(await c.gather(futures)) == sorted([first] * 3 + [other])
+    finally:
+        for gate in GATES.values():
+            gate.set()
+        GATES.clear()

@@ -39,6 +39,8 @@ stall caused by us.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import statistics
 import threading
@@ -73,7 +75,20 @@ SLOW: set[str] = set()
 _SLOW_LOCK = threading.Lock()
 
 #: Scheduler plugin methods timed (``replan`` runs from other hooks and the periodic tick).
-_HOOKS = ("update_graph", "transition", "replan", "add_worker", "remove_worker", "log_event", "_tick", "_replan_now")
+_HOOK_SAMPLE_FROM = 1e-4  #: seconds: hook calls shorter than this are counted, not kept
+_LAG_TICK = 0.01  #: seconds between the loop monitor's callbacks
+
+_HOOKS = (
+    "update_graph",
+    "transition",
+    "replan",
+    "add_worker",
+    "remove_worker",
+    "log_event",
+    "_tick",
+    "_replan_now",
+    "_rebalance",
+)
 
 
 def scale_task(i: int, seconds: float) -> tuple[int, str, str]:
@@ -90,41 +105,88 @@ def _warm_up(i: int) -> int:
 
 # -- scheduler-side timing ------------------------------------------------------------
 def time_hooks(dask_scheduler: Any) -> None:
-    """Wrap the plugin's hooks: the longest outermost call (a stall of the event loop) and their total."""
+    """Wrap the plugin's hooks (each outermost call's wall and CPU time) and watch the event loop's ticks.
+
+    The longest hook call is the longest stall of the event loop *we* cause;
+    the loop monitor (a callback every ``_LAG_TICK`` seconds, how late it ran)
+    sees stalls from any cause (Dask itself, the GIL of 2 cores' worth of
+    in-process workers), an upper bound on ours.
+    """
     plugin = dask_scheduler.plugins.get(dp.ContextSchedulerPlugin.name)
     if plugin is None:
         return
-    state = {"depth": 0, "max": 0.0, "total": 0.0, "calls": 0}
+    state: dict[str, Any] = {"depth": 0, "max": 0.0, "cpu_max": 0.0, "total": 0.0, "cpu_total": 0.0, "calls": 0}
+    state.update(gc=0.0, gc_max=0.0, nogc_max=0.0)
+    state["wall"], state["cpu"] = [], []
     plugin._bench_hooks = state
 
     def timed(hook: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             state["depth"] += 1
-            t0 = time.perf_counter()
+            t0, c0, g0 = time.perf_counter(), time.thread_time(), state["gc"]
             try:
                 return hook(*args, **kwargs)
             finally:
                 state["depth"] -= 1
                 if state["depth"] == 0:
-                    dt = time.perf_counter() - t0
+                    dt, dc = time.perf_counter() - t0, time.thread_time() - c0
                     state["total"] += dt
+                    state["cpu_total"] += dc
                     state["calls"] += 1
                     state["max"] = max(state["max"], dt)
+                    state["cpu_max"] = max(state["cpu_max"], dc)
+                    in_gc = state["gc"] - g0  # the collector's passes that ran inside this call
+                    state["gc_max"] = max(state["gc_max"], in_gc)
+                    state["nogc_max"] = max(state["nogc_max"], dt - in_gc)
+                    if dt > _HOOK_SAMPLE_FROM:  # the distribution's tail; the many tiny calls only count
+                        state["wall"].append(dt)
+                        state["cpu"].append(dc)
 
         return wrapper
 
     for name in _HOOKS:
         setattr(plugin, name, timed(getattr(plugin, name)))
 
+    # Garbage collector passes inside our hooks: a full pass walks the whole process's heap (here
+    # every in-process worker's too), whoever's allocation triggers it, so it is reported apart.
+    collecting: dict[str, float] = {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if threading.get_ident() != loop_thread:
+            return
+        if phase == "start":
+            collecting["t"] = time.perf_counter()
+        elif "t" in collecting and state["depth"] > 0:
+            state["gc"] += time.perf_counter() - collecting.pop("t")
+
+    loop_thread = threading.get_ident()
+    gc.callbacks.append(on_gc)
+    state["gc_callback"] = on_gc
+
+    lag = state["lag"] = {"max": 0.0, "ticks": 0}
+    loop = asyncio.get_running_loop()
+
+    def tick(expected: float) -> None:
+        now = loop.time()
+        lag["max"] = max(lag["max"], now - expected)
+        lag["ticks"] += 1
+        if not state.get("stopped"):
+            loop.call_at(now + _LAG_TICK, tick, now + _LAG_TICK)
+
+    loop.call_at(loop.time() + _LAG_TICK, tick, loop.time() + _LAG_TICK)
+
 
 def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
-    """Re-plan p50/p99/max (ms), how many, and the hooks' longest call and total (ms)."""
+    """Re-plan p50/p99/max (ms, wall and CPU), the hooks' longest call and total (ms), the loop's longest stall."""
     plugin = dask_scheduler.plugins.get(dp.ContextSchedulerPlugin.name)
     if plugin is None:
         return None
     samples = sorted(plugin.replan_seconds)
     cpu = sorted(plugin.replan_cpu_seconds)
     hooks = getattr(plugin, "_bench_hooks", {})
+    hooks["stopped"] = True
+    if hooks.get("gc_callback") in gc.callbacks:
+        gc.callbacks.remove(hooks["gc_callback"])
     out: dict[str, Any] = {"replans": len(samples)}
     if samples:
         out.update(
@@ -135,11 +197,26 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
             replan_cpu_p99_ms=round(1e3 * cpu[min(len(cpu) - 1, int(0.99 * len(cpu)))], 3),
             replan_cpu_max_ms=round(1e3 * cpu[-1], 3),
         )
+    calls = hooks.get("calls", 0)
     out.update(
         hook_max_ms=round(1e3 * hooks.get("max", 0.0), 3),
+        hook_cpu_max_ms=round(1e3 * hooks.get("cpu_max", 0.0), 3),
         hook_total_ms=round(1e3 * hooks.get("total", 0.0), 1),
-        hook_calls=hooks.get("calls", 0),
+        hook_cpu_total_ms=round(1e3 * hooks.get("cpu_total", 0.0), 1),
+        hook_calls=calls,
+        hook_gc_max_ms=round(1e3 * hooks.get("gc_max", 0.0), 3),
+        hook_nogc_max_ms=round(1e3 * hooks.get("nogc_max", 0.0), 3),
+        hook_gc_total_ms=round(1e3 * hooks.get("gc", 0.0), 1),
     )
+    for kind in ("wall", "cpu"):
+        tail = sorted(hooks.get(kind, ()))
+        # p99 over all calls: those not sampled were all below _HOOK_SAMPLE_FROM.
+        rank = int(0.99 * calls)
+        below = calls - len(tail)
+        value = tail[rank - below] if calls and rank >= below and tail else _HOOK_SAMPLE_FROM
+        out[f"hook_{kind}_p99_ms"] = round(1e3 * value, 3) if calls else None
+    lag = hooks.get("lag", {})
+    out["loop_stall_max_ms"] = round(1e3 * lag.get("max", 0.0), 1)
     return out
 
 
