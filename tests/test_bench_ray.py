@@ -93,3 +93,5 @@ def test_ray_strategy_scores_and_counts_loads(env, name, n_contexts):
     assert len(run["load_events"]) == run["loads"]
     assert run["ray_init_s"] > 0 and run["setup_s"] > 0 and run["actor_start_s"] >= 0
     assert len(run["tasks_per_worker"]) <= 2
+    # The forward passes' CPU seconds (one thread each) are counted and never exceed their wall time.
+    assert 0 < run["compute_cpu_seconds"] <= run["compute_seconds"] + 0.01

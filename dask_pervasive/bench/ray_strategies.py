@@ -158,14 +158,15 @@ def _worker_id() -> str:
 def ray_record(worker: str, loaded: Loaded, items: Any, fresh: bool, import_s: float) -> dict[str, Any]:
     """A job's record, as :func:`dask_pervasive.bench.strategies._record` makes it, with ``import_s``."""
     start = time.time()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     scores = score_batch(loaded.model, loaded.tokenizer, loaded.device, [tuple(i) for i in items])
-    compute_s = time.perf_counter() - t0
+    compute_s, cpu_s = time.perf_counter() - t0, time.thread_time() - cpu0
     return {
         "worker": worker,
         "start": start - (loaded.load_s if fresh else 0.0),
         "end": time.time(),
         "compute_s": compute_s,
+        "cpu_s": cpu_s,
         "loads": int(fresh),
         "load_s": loaded.load_s if fresh else 0.0,
         "load_end": start if fresh else None,

@@ -205,6 +205,9 @@ def summarize_run(
         "loads": len(loads),
         "load_seconds": round(load_s, 3),
         "compute_seconds": round(sum(r["compute_s"] for r in ok), 3),
+        # CPU seconds of the compute thread in those forward passes: what the work cost, whatever
+        # share of the cores other processes left it (compute_seconds is wall time).
+        "compute_cpu_seconds": round(sum(r.get("cpu_s", 0.0) for r in ok), 3),
         "origin_bytes": origin_bytes,
         "origin_reads": round(origin_bytes / session.model_bytes, 3),
         "peer_bytes": sum(t["bytes_from_peers"] or 0 for t in transfers),

@@ -51,14 +51,15 @@ def _record(model: Any, tokenizer: Any, device: str, items: Any, loaded: Loaded 
     from distributed import get_worker
 
     start = time.time()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     scores = score_batch(model, tokenizer, device, list(items))
-    compute_s = time.perf_counter() - t0
+    compute_s, cpu_s = time.perf_counter() - t0, time.thread_time() - cpu0
     return {
         "worker": get_worker().address,
         "start": start - (loaded.load_s if loaded else 0.0),
         "end": time.time(),
         "compute_s": compute_s,
+        "cpu_s": cpu_s,
         "loads": int(loaded is not None),
         "load_s": loaded.load_s if loaded else 0.0,
         "load_end": start if loaded else None,
