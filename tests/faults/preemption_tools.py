@@ -169,11 +169,13 @@ def running_workers(client) -> list[str]:
     return sorted(a for a, w in info.items() if w.get("status", "running") == "running")
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02) -> None:
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02, describe=None) -> None:
+    """Poll ``predicate`` until true; on timeout fail naming ``what`` (and ``describe()``: the state seen)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            seen = f"; seen: {describe()}" if describe is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{seen}")
         time.sleep(interval)
 
 
