@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -356,10 +357,7 @@ class TransformersLoader:
             # import it and look the class up one at a time too.
             import transformers
 
-            try:
-                cls = getattr(transformers, self.model_class)
-            except AttributeError as exc:
-                raise ValueError(f"transformers has no model class {self.model_class!r}") from exc
+            cls = _model_class(transformers, self.model_class)
             hf_logging = transformers.utils.logging
             # A progress bar per load floods worker logs; restore the user's setting after.
             bars = hf_logging.is_progress_bar_enabled()
@@ -380,6 +378,35 @@ class TransformersLoader:
             ):
                 tok = transformers.AutoTokenizer.from_pretrained(path)
         return LoadedModel(model=model, tokenizer=tok, device=device)
+
+
+#: How long a model class transformers exports may stay unresolvable (another thread's first import).
+_CLASS_LOOKUP_SECONDS = 30.0
+
+
+def _model_class(transformers: Any, name: str) -> Any:
+    """``transformers.<name>``, waiting out another thread's first import of transformers.
+
+    Our lock orders our own loads, but any other thread of the process (a
+    task's module being unpickled, user code) may import transformers at the
+    same time, and its lazy module is not thread-safe then: the lookup of a
+    class it does export can fail with ``AttributeError`` until that import is
+    done (seen with transformers 4.56 in worker processes). A name it exports
+    (listed by its ``dir()``) is retried with backoff for a bounded time; any
+    other name fails at once.
+    """
+    deadline = time.monotonic() + _CLASS_LOOKUP_SECONDS
+    delay = 0.01
+    while True:
+        try:
+            return getattr(transformers, name)
+        except AttributeError as exc:
+            exported = name in dir(transformers)
+            if not exported or time.monotonic() + delay > deadline:
+                why = "" if exported else " (not among the names it exports)"
+                raise ValueError(f"transformers has no model class {name!r}{why}") from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def _release_model(obj: LoadedModel) -> None:

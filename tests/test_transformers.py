@@ -127,3 +127,33 @@ def test_make_tiny_gpt2_prints_no_progress_bar(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Writing model shards" not in proc.stderr + proc.stdout
     assert "%|" not in proc.stderr  # no tqdm bar of any kind
+
+
+class _HalfImported:
+    """Stands in for transformers' lazy module while another thread's first import is still running:
+    a class it exports fails to resolve ``failures`` times, then resolves."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.lookups = 0
+
+    def __dir__(self):
+        return ["AutoModelForCausalLM"]
+
+    def __getattr__(self, name):
+        self.lookups += 1
+        if name == "AutoModelForCausalLM" and self.lookups > self.failures:
+            return "the class"
+        raise AttributeError(name)
+
+
+def test_an_exported_class_is_waited_for_and_an_unknown_one_fails_at_once():
+    from dask_pervasive.context import _model_class
+
+    module = _HalfImported(failures=3)
+    assert _model_class(module, "AutoModelForCausalLM") == "the class"
+    assert module.lookups == 4
+    module = _HalfImported(failures=10**9)
+    with pytest.raises(ValueError, match="not among the names it exports") as info:
+        _model_class(module, "AutoModelForNothing")
+    assert module.lookups == 1 and isinstance(info.value.__cause__, AttributeError)
