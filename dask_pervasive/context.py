@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -358,6 +359,7 @@ class TransformersLoader:
             import transformers
 
             cls = _model_class(transformers, self.model_class)
+            transformers = sys.modules.get("transformers", transformers)  # settled now (see _model_class)
             hf_logging = transformers.utils.logging
             # A progress bar per load floods worker logs; restore the user's setting after.
             bars = hf_logging.is_progress_bar_enabled()
@@ -376,7 +378,7 @@ class TransformersLoader:
                 and os.path.isdir(path)
                 and any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
             ):
-                tok = transformers.AutoTokenizer.from_pretrained(path)
+                tok = _model_class(transformers, "AutoTokenizer", "tokenizer class").from_pretrained(path)
         return LoadedModel(model=model, tokenizer=tok, device=device)
 
 
@@ -384,27 +386,31 @@ class TransformersLoader:
 _CLASS_LOOKUP_SECONDS = 30.0
 
 
-def _model_class(transformers: Any, name: str) -> Any:
+def _model_class(transformers: Any, name: str, what: str = "model class") -> Any:
     """``transformers.<name>``, waiting out another thread's first import of transformers.
 
     Our lock orders our own loads, but any other thread of the process (a
     task's module being unpickled, user code) may import transformers at the
-    same time, and its lazy module is not thread-safe then: the lookup of a
-    class it does export can fail with ``AttributeError`` until that import is
-    done (seen with transformers 4.56 in worker processes). A name it exports
-    (listed by its ``dir()``) is retried with backoff for a bounded time; any
-    other name fails at once.
+    same time, and its lazy module is not thread-safe then: ``import
+    transformers`` can hand back the module still being initialised, which the
+    lazy module replaces in ``sys.modules`` when done, so each try reads it
+    from there again (seen with transformers 4.56 in worker processes). While
+    transformers is still settling (not yet its lazy module, or initialising),
+    or for a name it exports, the lookup is retried with backoff for a bounded
+    time; any other name fails at once.
     """
     deadline = time.monotonic() + _CLASS_LOOKUP_SECONDS
     delay = 0.01
     while True:
+        module = sys.modules.get("transformers", transformers)
         try:
-            return getattr(transformers, name)
+            return getattr(module, name)
         except AttributeError as exc:
-            exported = name in dir(transformers)
-            if not exported or time.monotonic() + delay > deadline:
-                why = "" if exported else " (not among the names it exports)"
-                raise ValueError(f"transformers has no model class {name!r}{why}") from exc
+            spec = getattr(module, "__spec__", None)
+            settling = not hasattr(module, "_class_to_module") or bool(getattr(spec, "_initializing", False))
+            if not (settling or name in dir(module)) or time.monotonic() + delay > deadline:
+                why = "" if settling else " (not among the names it exports)"
+                raise ValueError(f"transformers has no {what} {name!r}{why}") from exc
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 from distributed.utils_test import gen_cluster
 
@@ -136,6 +138,8 @@ class _HalfImported:
     def __init__(self, failures: int):
         self.failures = failures
         self.lookups = 0
+
+    _class_to_module: ClassVar = {"AutoModelForCausalLM": "models.auto"}  # transformers' lazy module has one
 
     def __dir__(self):
         return ["AutoModelForCausalLM"]
