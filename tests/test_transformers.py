@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 import pytest
@@ -140,6 +141,7 @@ class _HalfImported:
         self.lookups = 0
 
     _class_to_module: ClassVar = {"AutoModelForCausalLM": "models.auto"}  # transformers' lazy module has one
+    __spec__ = None
 
     def __dir__(self):
         return ["AutoModelForCausalLM"]
@@ -151,13 +153,15 @@ class _HalfImported:
         raise AttributeError(name)
 
 
-def test_an_exported_class_is_waited_for_and_an_unknown_one_fails_at_once():
+def test_an_exported_class_is_waited_for_and_an_unknown_one_fails_at_once(monkeypatch):
     from dask_pervasive.context import _model_class
 
     module = _HalfImported(failures=3)
+    monkeypatch.setitem(sys.modules, "transformers", module)  # where each try reads it from
     assert _model_class(module, "AutoModelForCausalLM") == "the class"
     assert module.lookups == 4
     module = _HalfImported(failures=10**9)
+    monkeypatch.setitem(sys.modules, "transformers", module)
     with pytest.raises(ValueError, match="not among the names it exports") as info:
         _model_class(module, "AutoModelForNothing")
     assert module.lookups == 1 and isinstance(info.value.__cause__, AttributeError)
