@@ -10,6 +10,9 @@ import types
 
 import pytest
 
+# The records come from a real (tiny) transformers model: the `test-core` sets (no torch) skip.
+pytest.importorskip("transformers")
+
 from dask_pervasive.bench import ray_strategies, strategies
 from dask_pervasive.bench.harness import Progress, Session, build_models
 from dask_pervasive.bench.scenarios import summarize_run
