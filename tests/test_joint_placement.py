@@ -12,6 +12,7 @@ import pytest
 from distributed import get_worker
 from distributed.utils_test import async_poll_for, gen_cluster
 from loaders import load_sleep
+from plugin_helpers import add_plugin
 
 import dask_pervasive as dp
 from dask_pervasive.scheduler import ContextSchedulerPlugin
@@ -43,12 +44,6 @@ def first_task(model, x, seconds=0.04):
 def other_task(model, x, seconds=0.04):
     time.sleep(seconds)
     return model["value"] + x
-
-
-async def add_plugin(s, plugin):
-    s.add_plugin(plugin)
-    await plugin.start(s)
-    return plugin
 
 
 def placements(s):

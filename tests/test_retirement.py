@@ -13,6 +13,7 @@ from distributed import LocalCluster, Nanny, Worker
 from distributed.core import Status
 from distributed.utils_test import gen_cluster
 from loaders import load_sleep
+from plugin_helpers import add_plugin
 from transfer_helpers import caps, fake_scheduler, make_model, model_context
 
 import dask_pervasive as dp
@@ -29,12 +30,6 @@ QUICK = dp.Context("quick", load=functools.partial(load_sleep, seconds=0.05), de
 def use_quick(model, x, seconds=0.0):
     time.sleep(seconds)
     return model["value"] + x
-
-
-async def add_plugin(s, plugin):
-    s.add_plugin(plugin)
-    await plugin.start(s)
-    return plugin
 
 
 def last_joined(s, n: int) -> list[str]:

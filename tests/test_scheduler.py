@@ -13,6 +13,7 @@ import pytest
 from distributed import Worker, wait
 from distributed.utils_test import gen_cluster, inc, slowinc
 from loaders import load_sleep
+from plugin_helpers import add_plugin
 
 import dask_pervasive as dp
 from dask_pervasive.scheduler import ContextSchedulerPlugin, finish_time
@@ -33,13 +34,6 @@ def annotated_task(x):
 
 def ran_on(s, futures) -> list[str]:
     return [s.tasks[f.key].who_has and next(iter(s.tasks[f.key].who_has)).address for f in futures]
-
-
-async def add_plugin(s, plugin):
-    """Install ``plugin`` itself (not a pickled copy) so tests can inspect it."""
-    s.add_plugin(plugin)
-    await plugin.start(s)
-    return plugin
 
 
 async def loads(c, name=None):
