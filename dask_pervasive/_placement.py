@@ -385,10 +385,9 @@ class PlacementPlanner:
         """Thread-seconds of the pending work in ``keys`` (all pending by default), and how many were found.
 
         Uses Dask's per-prefix duration average (from which worker plugins
-        removed load time). For a prefix never timed, Dask's 0.5 s default
-        would make short tasks look long and warm workers for nothing, so the
-        longest elapsed time of its tasks running on warm members is used: a
-        lower bound that grows while tasks run.
+        removed load time; ``distributed.scheduler.default-task-durations``
+        declares one up front). For a prefix never timed, see
+        :meth:`_untimed_seconds`.
         """
         assert self.scheduler is not None
         tasks = self.scheduler.tasks
@@ -403,24 +402,36 @@ class PlacementPlanner:
             d = per_prefix.get(prefix)
             if d is None:
                 d = per_prefix[prefix] = (
-                    prefix.duration_average if prefix.duration_average >= 0 else self._elapsed(plan, prefix)
+                    prefix.duration_average if prefix.duration_average >= 0 else self._untimed_seconds(plan, prefix)
                 )
             total += d
             counted += 1
         return total, counted
 
-    def _elapsed(self, plan: ContextPlan, prefix: Any) -> float:
+    def _untimed_seconds(self, plan: ContextPlan, prefix: Any) -> float:
+        """Estimated seconds per task of a prefix that no task has finished yet.
+
+        While no worker holds the context resident nothing can time it, so
+        Dask's own prior (``distributed.scheduler.unknown-task-duration``,
+        0.5 s by default) stands in: a large backlog then warms several
+        workers side by side instead of one load after another. Once one
+        is resident (the planner gives it the tasks first) its first task is
+        about to give the real figure, so the longest elapsed time of the
+        prefix's tasks running on resident workers is used: a lower bound
+        that grows while they run, which keeps a warm worker's few short
+        tasks from warming others.
+        """
         assert self.scheduler is not None
-        longest = 0.0
-        for addr in plan.members:
+        longest, resident = 0.0, False
+        for addr, wc in self.warm.get(plan.name, {}).items():
             ws = self.scheduler.workers.get(addr)
-            wc = self.warm.get(plan.name, {}).get(addr)
-            if ws is None or wc is None or wc.state is not State.RESIDENT:
+            if ws is None or wc.state is not State.RESIDENT:
                 continue  # still loading: elapsed time is load time, not task time
+            resident = True
             for ts, elapsed in ws.executing.items():
                 if ts.prefix is prefix and elapsed > longest:
                     longest = elapsed
-        return longest
+        return longest if resident else float(self.scheduler.UNKNOWN_TASK_DURATION)
 
     # -- planning ----------------------------------------------------------------------
     def _cannot_hold(self, plan: ContextPlan, addr: str) -> bool:

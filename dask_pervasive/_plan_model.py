@@ -62,7 +62,7 @@ class ContextView:
 
     name: str
     pending: int  #: unfinished tasks
-    task_seconds: float = 0.0  #: median seconds per task (0 when unknown: only warm workers join)
+    task_seconds: float = 0.0  #: median seconds per task (the placement side supplies a prior when untimed)
     load_seconds: float | None = None  #: EWMA of fetch + load over all workers
     fetch_seconds: float | None = None  #: EWMA of the fetch part
     size: tuple[int, int] | None = None  #: (host, device) bytes, declared or measured; None: unknown

@@ -37,6 +37,16 @@ def test_unmeasurable_time_to_warm_is_a_miss():
     assert targets.exit_status(rows) == 1
 
 
+def test_origin_reference_is_read_over_the_joiners_it_warmed():
+    # pervasive must warm every joiner; the origin-only planner may leave one cold (an origin
+    # read costing more than the backlog left), and is then judged by the ones it did warm
+    result = _scale_out({"pervasive": {"w1": 1.0, "w2": 2.0}, "pervasive-origin": {"w1": 6.0, "w2": None}})
+    row = _row(targets.check_scale_out(result, {}), WARM)
+    assert row["value"] == 0.25 and row["ok"] is True
+    none_warmed = _scale_out({"pervasive": {"w1": 1.0}, "pervasive-origin": {"w1": None}})
+    assert _row(targets.check_scale_out(none_warmed, {}), WARM)["ok"] is False
+
+
 def test_no_joined_worker_is_a_miss_too():
     rows = targets.check_scale_out(_scale_out({"pervasive": {}, "pervasive-origin": {}}), {})
     assert _row(rows, WARM)["ok"] is False

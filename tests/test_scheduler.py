@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import threading
 import time
 
 import dask
 import dask.bag as db
 import pytest
 from distributed import Worker, wait
-from distributed.utils_test import gen_cluster, inc, slowinc
+from distributed.utils_test import async_poll_for, gen_cluster, inc, slowinc
 from loaders import load_sleep
 from plugin_helpers import add_plugin
 
 import dask_pervasive as dp
+from dask_pervasive._protocol import WARMING_STATES, State
 from dask_pervasive.scheduler import ContextSchedulerPlugin, finish_time
 
 SLOW = dp.Context("slow", load=functools.partial(load_sleep, seconds=0.5), device="cpu")
@@ -50,21 +52,71 @@ def test_finish_time_water_filling():
     assert finish_time([(0, 1), (3, 1)], 2) == 2
 
 
-@gen_cluster(client=True, nthreads=[("", 1)] * 4)
-async def test_few_tasks_wait_for_the_warm_worker(c, s, *workers):
+async def few_tasks_wait_for_the_warm_worker(c, s, workers, timed: bool) -> None:
     # The backlog (12 x 0.02 s) must stay well below a load (2 s) even when a busy machine
     # stretches the measured task time several-fold: the load is a sleep, the tasks are not.
     await dp.install(c, [dp.Context("slow", load=functools.partial(load_sleep, seconds=2.0), device="cpu")])
     a = workers[0]
     await dp.prewarm(c, "slow", workers=[a.address], progress=False)
-    # the duration of the task prefix is known (load time excluded)
-    await c.submit(short_task, -1, workers=[a.address])
+    if timed:  # the duration of the task prefix is known (load time excluded)
+        await c.submit(short_task, -1, workers=[a.address])
+    else:  # untimed: a resident worker's running tasks give the lower bound, not Dask's 0.5 s prior
+        assert "short_task" not in s.task_prefixes
     futs = c.map(short_task, range(12))
     assert await c.gather(futs) == [x + 1 for x in range(12)]
     assert set(ran_on(s, futs)) == {a.address}
     assert await loads(c) == 1
     placements = [m for _, m in s.get_events("pervasive") if m.get("action") == "placement"]
     assert placements and placements[-1]["members"] == [a.address]
+
+
+LOAD_GATE = threading.Event()
+
+
+def load_gated(path, device):
+    """A load that ends only when the test opens the gate (no member is resident before)."""
+    if not LOAD_GATE.wait(120):
+        raise TimeoutError("the test never opened the load gate")
+    return {"value": 1}
+
+
+@dp.uses_context("gated")
+def gated_task(model, x):
+    time.sleep(0.02)
+    return model["value"] + x
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, timeout=120)
+async def test_untimed_backlog_warms_workers_side_by_side(c, s, *workers):
+    """Nothing has timed the task yet and no worker holds the context: Dask's prior for an
+    unknown duration (``unknown-task-duration``) stands in, so a big backlog warms several
+    workers at once instead of waiting for the first load to end (the lower bound alone
+    would give 0 s of work here: no task can run before a load ends)."""
+    LOAD_GATE.clear()
+    plugin = ContextSchedulerPlugin(prewarm_backlog=2, interval="50ms")
+    await dp.install(c, [dp.Context("gated", load=load_gated, device="cpu")], scheduler=False)
+    await add_plugin(s, plugin)
+    try:
+        futs = c.map(gated_task, range(40))
+        await async_poll_for(
+            lambda: sum(wc.state in WARMING_STATES for wc in plugin.warm.get("gated", {}).values()) >= 2,
+            timeout=60,
+        )
+        assert s.task_prefixes["gated_task"].duration_average < 0  # still untimed
+        assert not any(wc.state is State.RESIDENT for wc in plugin.warm["gated"].values())
+    finally:
+        LOAD_GATE.set()
+    assert await c.gather(futs) == [x + 1 for x in range(40)]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4)
+async def test_few_tasks_wait_for_the_warm_worker(c, s, *workers):
+    await few_tasks_wait_for_the_warm_worker(c, s, workers, timed=True)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4)
+async def test_few_untimed_tasks_wait_for_the_warm_worker(c, s, *workers):
+    await few_tasks_wait_for_the_warm_worker(c, s, workers, timed=False)
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 4)

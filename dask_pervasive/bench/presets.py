@@ -69,7 +69,7 @@ PRESETS = {
             "steady": Size(24, 4, 1.3),
             "multi": Size(20, 2, 0.7, ("global-cache", "pervasive")),
             "preempt": Size(48, 3, 4.0, ("global-cache", "pervasive")),
-            "scale-out": Size(40, 2, 3.0, ("pervasive",)),
+            "scale-out": Size(96, 2, 3.0, ("pervasive",)),
             "batch-sweep": Size(24, 0, 0.7, ("naive", "pervasive")),
             "opportunistic": Size(48, 3, 3.0, ("global-cache", "pervasive")),
         },

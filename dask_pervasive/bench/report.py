@@ -122,7 +122,7 @@ def print_tables(payload: dict[str, Any]) -> None:
                 f"{run['peer_bytes'] / MB:.1f}",
                 _fmt(run["load_share"], ".0%"),
                 f"{run['completed']}/{run['tasks']}",
-                _fmt(mean_time_to_warm(run)) if scenario == "scale-out" else "",
+                _fmt(mean_time_to_warm(run, every_worker=False)) if scenario == "scale-out" else "",
             )
         table.add_section()
     console.print(table)
@@ -218,7 +218,7 @@ def markdown(payload: dict[str, Any]) -> str:
         if scenario == "batch-sweep":
             continue
         for name, run in result["runs"].items():
-            warm = _fmt(mean_time_to_warm(run)) if scenario == "scale-out" else ""
+            warm = _fmt(mean_time_to_warm(run, every_worker=False)) if scenario == "scale-out" else ""
             lines.append(
                 f"| {scenario} | {result['origin_bandwidth'] / MB:.1f} | {name} | {run['makespan_s']:.2f} "
                 f"| {_fmt(run.get('efficiency'))} | {run['loads']} | {run['origin_bytes'] / MB:.1f} "
