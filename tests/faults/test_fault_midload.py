@@ -68,6 +68,10 @@ def test_worker_killed_while_loading_task_moves_and_state_is_clean():
         assert 0 <= prefix < 1.0, prefix
 
 
+def _registered(dask_scheduler) -> list[str]:
+    return sorted(dask_scheduler.workers)
+
+
 def _origin_readers(dask_scheduler) -> list[str]:
     transfer = dask_scheduler.plugins["pervasive"].transfer
     return [lease.receiver for lease in transfer.leases.values() if lease.source == "origin"]
@@ -101,7 +105,14 @@ def test_worker_killed_while_reading_the_origin_frees_its_slot(http_origin):
         assert victim not in {w for _, w in results.values()}
         state = assert_no_dead_worker_state(client)  # no lease, no origin slot, no upload slot left
         assert victim not in state["alive"]
-        assert set(running_workers(client)) == set(state["alive"])
+        # The nanny's replacement registers first and reports "running" a moment later: wait for
+        # every registered worker to be running (compared at one instant, this raced).
+        wait_until(
+            lambda: set(running_workers(client)) == set(client.run_on_scheduler(_registered)),
+            60,
+            "every registered worker running",
+            describe=lambda: (running_workers(client), client.run_on_scheduler(_registered)),
+        )
 
 
 def test_receiver_dying_while_waiting_for_a_source_gets_no_lease():
