@@ -8,6 +8,7 @@ import time
 import dask
 import pytest
 from distributed.utils_test import fetch_metrics, gen_cluster
+from plugin_helpers import add_plugin
 from tornado.httpclient import AsyncHTTPClient
 
 import dask_pervasive as dp
@@ -29,10 +30,7 @@ def add_value(model, x):
 
 async def start_plugin(s) -> ContextSchedulerPlugin:
     """Install the plugin object itself (not a pickled copy) so tests can inspect it."""
-    plugin = ContextSchedulerPlugin()
-    s.add_plugin(plugin)
-    await plugin.start(s)
-    return plugin
+    return await add_plugin(s, ContextSchedulerPlugin())
 
 
 async def until(predicate, timeout: float = 10) -> None:

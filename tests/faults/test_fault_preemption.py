@@ -18,6 +18,7 @@ import pytest
 from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster, slowinc
 from loaders import load_sleep, work
+from plugin_helpers import add_plugin
 from preemption_tools import (
     CONTEXT,
     assert_no_dead_worker_state,
@@ -121,12 +122,6 @@ SLOW = dp.Context("slow", load=functools.partial(load_sleep, seconds=0.5), devic
 slow_task = dp.uses_context("slow")(work)
 
 
-async def _add_plugin(s, plugin: ContextSchedulerPlugin) -> ContextSchedulerPlugin:
-    s.add_plugin(plugin)  # this object, not a pickled copy, so the test can inspect it
-    await plugin.start(s)
-    return plugin
-
-
 async def _until(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -145,7 +140,7 @@ def _restrictions(s, futures) -> list[set]:
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 2, timeout=60)
 async def test_member_evicting_its_context_stops_getting_tasks_at_once(c, s, a, b):
-    plugin = await _add_plugin(s, ContextSchedulerPlugin(interval="1h"))
+    plugin = await add_plugin(s, ContextSchedulerPlugin(interval="1h"))
     await dp.install(c, [SLOW], scheduler=False)
     await dp.prewarm(c, "slow", progress=False)
     futures = c.map(slow_task, range(200), seconds=0.05)  # ~5 s of work
@@ -160,7 +155,7 @@ async def test_member_evicting_its_context_stops_getting_tasks_at_once(c, s, a, 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 2, timeout=60)
 async def test_worker_turning_warm_joins_the_set_without_waiting_for_a_tick(c, s, a, b):
-    plugin = await _add_plugin(s, ContextSchedulerPlugin(interval="1h", prewarm=False))
+    plugin = await add_plugin(s, ContextSchedulerPlugin(interval="1h", prewarm=False))
     await dp.install(c, [SLOW], scheduler=False)
     await dp.prewarm(c, "slow", workers=[a.address], progress=False)
     plugin.plans["slow"].load_seconds = 100.0  # warming b for this backlog is never worth it
@@ -175,7 +170,7 @@ async def test_worker_turning_warm_joins_the_set_without_waiting_for_a_tick(c, s
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 2, timeout=60)
 async def test_submit_restricts_only_new_tasks_when_sets_are_unchanged(c, s, a, b):
-    plugin = await _add_plugin(s, ContextSchedulerPlugin(interval="1h"))
+    plugin = await add_plugin(s, ContextSchedulerPlugin(interval="1h"))
     await dp.install(c, [SLOW], scheduler=False)
     await dp.prewarm(c, "slow", workers=[a.address], progress=False)
     plugin.plans["slow"].load_seconds = 100.0
@@ -199,7 +194,7 @@ async def test_submit_restricts_only_new_tasks_when_sets_are_unchanged(c, s, a, 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 2, timeout=30)
 async def test_context_task_left_without_a_valid_worker_is_revived(c, s, a, b):
-    plugin = await _add_plugin(s, ContextSchedulerPlugin(interval="100ms"))
+    plugin = await add_plugin(s, ContextSchedulerPlugin(interval="100ms"))
     await dp.install(c, [SLOW], scheduler=False)
     gate = c.submit(slowinc, 1, delay=0.5)
     futures = [c.submit(slow_task, gate, pure=False) for _ in range(3)]
