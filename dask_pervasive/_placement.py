@@ -1,4 +1,4 @@
-"""Placement planning glue: the scheduler's state turned into planner views, decisions applied.
+"""Placement: the joint planner's decisions applied to the scheduler's tasks.
 
 The scheduler plugin (:mod:`dask_pervasive.scheduler`) feeds this with what
 workers report and with the tasks it sees; :class:`PlacementPlanner` decides
@@ -6,18 +6,11 @@ which workers each context's pending tasks are restricted to. Each context
 with pending tasks has an *affinity set*: workers where it is resident plus
 cold workers chosen to warm. All sets are planned together by the pure joint
 planner of :mod:`dask_pervasive._planner` (its docstring states the model and
-the cost per decision); this module builds its :class:`~dask_pervasive._planner.WorkerView`
-and :class:`~dask_pervasive._planner.ContextView` inputs, measures per-worker
-task speed and load times, and applies the result (restrictions, placement
+the cost per decision), from the views :mod:`dask_pervasive._views` builds;
+this module runs a plan and applies the result (restrictions, placement
 events, prewarm requests).
 
-Cost per re-plan, besides the planner's: ``O(C)`` context views (task time
-from a sample of at most ``_SAMPLE`` pending tasks, not all of them), and
-``O(W)`` worker views of which only those whose state or queue changed since
-the last plan (or with a load running or a recent failure, whose numbers age)
-are rebuilt, each in ``O(h + q)`` (contexts it holds, contexts it has tasks
-of: the queue counts come from :class:`~dask_pervasive._queues.WorkerQueues`,
-kept incrementally, never from a scan of the tasks). Applying a changed set
+Cost per re-plan, besides the planner's and the views': applying a changed set
 re-restricts that context's pending tasks (``O(pending)``); otherwise only new
 keys are restricted.
 """
@@ -26,74 +19,26 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._planner import Addition, ContextView, Holding, Planner, PlannerSettings, WorkerView
-from ._protocol import EVENT_TOPIC, WARMING_STATES, Action, State, warm_map_entry
-from ._queues import WorkerQueues
+from ._measures import ContextPlan
+from ._planner import Addition, Planner, PlannerSettings
+from ._protocol import EVENT_TOPIC, Action, warm_map_entry
+from ._views import PlannerInputs
 from .context import context_of
 
 if TYPE_CHECKING:
-    from distributed import Scheduler
     from distributed.scheduler import TaskState
+
 
 logger = logging.getLogger("dask_pervasive.scheduler")
 
 #: Task states whose restrictions we may still change.
 PLACEABLE = ("released", "waiting", "no-worker", "processing")
-_EWMA = 0.5
-_SPEED_EWMA = 0.2  #: task times are noisy: a slower average than for loads
-_SPEED_TOLERANCE = 0.1  #: a worker's view is rebuilt when its speed moved more than this
-_MIN_TIMED = 5e-3  #: seconds: tasks shorter than this do not measure speeds
-_SAMPLE = 32  #: pending tasks looked at for a context's task time
 _TIMINGS = 4096  #: re-plan timings kept
-
-
-@dataclass
-class WorkerContext:
-    """One context on one worker, as the scheduler last heard of it."""
-
-    state: State = State.ABSENT
-    files: bool = False
-    host_bytes: int = 0
-    device_bytes: int = 0
-    loads: int = 0
-    failed_at: float | None = None
-    loading_since: float = 0.0  #: monotonic time the current fetch/load started
-    load_seconds: float | None = None  #: EWMA of this worker's fetch + load of this context
-
-
-@dataclass
-class WorkerRates:
-    """What the scheduler measured of one worker, for the planner."""
-
-    speed: float = 1.0  #: EWMA of task seconds relative to the mean of their prefix (2.0: twice slower)
-    planned_speed: float = 1.0  #: the speed its current planner view uses (changes past a tolerance)
-    tasks: int = 0
-    load_factor: float = 1.0  #: EWMA of its load seconds relative to the context's average
-    loads: int = 0
-
-
-@dataclass
-class ContextPlan:
-    """Placement state of one context."""
-
-    name: str
-    members: set[str] = field(default_factory=set)  #: the affinity set
-    pending: set = field(default_factory=set)  #: keys of unfinished tasks
-    load_seconds: float | None = None  #: EWMA of fetch + load
-    fetch_seconds: float | None = None  #: EWMA of the fetch part
-    size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
-    warm_placements: int = 0  #: workers added to the set that already held the context
-    cold_placements: int = 0  #: workers added that had to load it
-    drained_at: float | None = None  #: monotonic time its backlog last drained (its set is kept a while)
-    timed: bool = False  #: one of its tasks finished: Dask knows a duration (re-plan then: sets may grow)
-    last_used: float = -math.inf  #: monotonic time of its last task submitted or finished, or load
 
 
 def find_context(run_spec: Any, budget: int = 64) -> str | None:
@@ -127,40 +72,16 @@ def find_context(run_spec: Any, budget: int = 64) -> str | None:
     return None
 
 
-def finish_time(ready: Iterable[tuple[float, int]], work: float) -> float:
-    """When ``work`` thread-seconds finish on workers that become ready at given times.
-
-    ``ready`` holds ``(ready_time, nthreads)``; solves
-    ``sum(n * max(0, T - r)) == work`` by water-filling.
-    """
-    slots = sorted(ready)
-    if not slots:
-        return float("inf")
-    acc_threads = 0
-    acc_ready = 0.0
-    for i, (r, n) in enumerate(slots):
-        acc_threads += n
-        acc_ready += n * r
-        t = (work + acc_ready) / acc_threads
-        if i + 1 == len(slots) or t <= slots[i + 1][0]:
-            return t
-    return float("inf")  # pragma: no cover
-
-
-class PlacementPlanner:
+class PlacementPlanner(PlannerInputs):
     """The planning half of :class:`~dask_pervasive.ContextSchedulerPlugin` (a mixin).
 
     Works on the plugin's ``plans``, ``warm``, ``budgets``, ``settings`` and
-    ``scheduler``; the plugin calls :meth:`replan`, :meth:`_touch_worker` when
+    ``scheduler`` (declared by :class:`~dask_pervasive._views.PlannerInputs`); the plugin calls :meth:`replan`, :meth:`_touch_worker` when
     a worker reports, :meth:`_observe_finished` when a context task finishes,
     :meth:`_forget_worker` when one leaves, and provides
     ``_prewarm_soon(addr, name)``.
     """
 
-    scheduler: Scheduler | None
-    plans: dict[str, ContextPlan]
-    warm: dict[str, dict[str, WorkerContext]]
-    budgets: dict[str, tuple[int | None, int | None]]
     _stale: set[str]
     _fresh: dict[str, set]
     _last_replan: float
@@ -173,14 +94,6 @@ class PlacementPlanner:
         if planner is None:
             planner = self.__dict__["_joint"] = Planner(PlannerSettings.from_scheduler(self.settings))
         return planner
-
-    @property
-    def rates(self) -> dict[str, WorkerRates]:
-        """Per-worker measured task speed and load factor."""
-        rates = self.__dict__.get("_rates")
-        if rates is None:
-            rates = self.__dict__["_rates"] = {}
-        return rates
 
     @property
     def replan_seconds(self) -> deque[float]:
@@ -197,241 +110,6 @@ class PlacementPlanner:
         if out is None:
             out = self.__dict__["_replan_cpu_seconds"] = deque(maxlen=_TIMINGS)
         return out
-
-    @property
-    def queues(self) -> WorkerQueues:
-        """Our tasks in ``processing`` per worker and context (kept from transitions and steals)."""
-        queues = self.__dict__.get("_queues")
-        if queues is None:
-            queues = self.__dict__["_queues"] = WorkerQueues()
-        return queues
-
-    def _views_cache(self) -> dict[str, Any]:
-        cache = self.__dict__.get("_views")
-        if cache is None:
-            cache = self.__dict__["_views"] = {"version": {}, "views": {}, "by_worker": {}}
-        return cache
-
-    def _touch_worker(self, addr: str, name: str | None = None) -> None:
-        """``addr`` reported something (a context state, its budget): rebuild its view at the next plan."""
-        cache = self._views_cache()
-        cache["version"][addr] = cache["version"].get(addr, 0) + 1
-        if name is not None:
-            wc = self.warm.get(name, {}).get(addr)
-            if wc is not None:
-                cache["by_worker"].setdefault(addr, {})[name] = wc
-
-    def _forget_worker(self, addr: str) -> None:
-        cache = self._views_cache()
-        for part in cache.values():
-            part.pop(addr, None)
-        self.rates.pop(addr, None)
-        self.queues.forget_worker(addr)
-
-    def _observe_load(self, plan: ContextPlan, addr: str, wc: WorkerContext, seconds: float) -> None:
-        """A load of ``plan`` on ``addr`` took ``seconds``: its own EWMA and its load factor."""
-        if plan.load_seconds:
-            r = self.rates.setdefault(addr, WorkerRates())
-            r.load_factor = ewma(r.load_factor if r.loads else None, seconds / plan.load_seconds)
-            r.loads += 1
-        wc.load_seconds = ewma(wc.load_seconds, seconds)
-        self._touch_worker(addr, plan.name)
-
-    def _observe_finished(self, key: Any, worker: str | None, startstops: Any) -> None:
-        """A context task finished on ``worker``: its compute time against its prefix's average."""
-        if not worker or not startstops or self.scheduler is None:
-            return
-        ts = self.scheduler.tasks.get(key)
-        if ts is None:
-            return
-        plan = self.plans.get(self.task_context.get(key, ""))
-        if plan is not None and not plan.timed:
-            # Until now its task time was a lower bound (0 before any ran): only warm workers could join.
-            plan.timed = True
-            self.queues.mark_all()  # queued work of this context was counted as 0 seconds
-            if plan.pending:
-                self._schedule_replan()
-        compute = sum(s["stop"] - s["start"] for s in startstops if s.get("action") == "compute")
-        if compute <= _MIN_TIMED:
-            return  # too short to tell speeds apart from scheduling noise
-        # Against the running mean of the prefix over all workers (Dask's own average follows the
-        # latest tasks, so it swings between fast and slow workers).
-        totals = self.__dict__.setdefault("_prefix_seconds", {})
-        total = totals.get(ts.prefix.name)
-        if total is None:
-            total = totals[ts.prefix.name] = [0.0, 0]
-        total[0] += compute
-        total[1] += 1
-        average = total[0] / total[1]
-        r = self.rates.setdefault(worker, WorkerRates())
-        r.speed = ewma(r.speed if r.tasks else None, min(max(compute / average, 0.1), 10.0), _SPEED_EWMA)
-        r.tasks += 1
-        if abs(r.speed - r.planned_speed) > _SPEED_TOLERANCE * r.planned_speed:
-            r.planned_speed = r.speed
-            self._touch_worker(worker)
-
-    # -- views -------------------------------------------------------------------------
-    def _holding(self, wc: WorkerContext, now: float, queued: float = 0.0) -> Holding:
-        failed = (
-            wc.state is State.FAILED
-            and wc.failed_at is not None
-            and now - wc.failed_at < self.settings.retry_failed_after
-        )
-        resident = wc.state is State.RESIDENT
-        return Holding(
-            state=wc.state.value,
-            files=wc.files,
-            loading_for=now - wc.loading_since if wc.state in WARMING_STATES else 0.0,
-            load_seconds=wc.load_seconds,
-            queued_seconds=queued,
-            host_bytes=wc.host_bytes if resident else None,
-            device_bytes=wc.device_bytes if resident else None,
-            failed_recently=failed,
-        )
-
-    def _worker_views(self, now: float, task_seconds: dict[str, float]) -> list[WorkerView]:
-        """Views of the running workers; unchanged ones (state and queues) come from the cache.
-
-        A worker's queued work per context is its tasks in ``processing``
-        (from :attr:`queues`) times the context's task time
-        (``task_seconds``); work of a context it holds nothing of goes to its
-        ``other_seconds``, with its plain tasks (Dask's occupancy minus ours).
-        """
-        assert self.scheduler is not None
-        cache = self._views_cache()
-        versions, views, by_worker = cache["version"], cache["views"], cache["by_worker"]
-        changed = self.queues.take_changed()
-        out = []
-        for ws in self.scheduler.running:
-            addr = ws.address
-            version = versions.get(addr, 0)
-            cached = views.get(addr)
-            if cached is not None and cached[0] == version and not cached[2] and addr not in changed:
-                out.append(cached[1])
-                continue
-            volatile = False
-            contexts = {}
-            held = by_worker.get(addr, {})
-            counts = self.queues.counts(addr)
-            queued = {name: n * task_seconds.get(name, 0.0) for name, n in counts.items()}
-            ours = sum(queued.values())
-            for name, wc in held.items():
-                if wc.state is State.ABSENT and not wc.files:
-                    continue
-                h = self._holding(wc, now, queued.pop(name, 0.0))
-                volatile = volatile or wc.state in WARMING_STATES or h.failed_recently
-                contexts[name] = h
-            r = self.rates.get(addr)
-            host_budget, device_budget = self.budgets.get(addr, (None, None))
-            # Plain tasks: Dask's occupancy (estimated seconds of all its processing tasks) less ours.
-            plain = max(0.0, ws.occupancy - ours) if len(ws.processing) > sum(counts.values()) else 0.0
-            view = WorkerView(
-                addr,
-                nthreads=ws.nthreads,
-                speed=r.planned_speed if r is not None else 1.0,
-                load_factor=r.load_factor if r is not None else 1.0,
-                host_budget=host_budget,
-                device_budget=device_budget,
-                # Queued for contexts it holds nothing of (a member's is in the context's own backlog).
-                other_seconds=plain + sum(v for n, v in queued.items() if addr not in self._members_of(n)),
-                contexts=contexts,
-            )
-            views[addr] = (version, view, volatile)
-            out.append(view)
-        return out
-
-    def _members_of(self, name: str) -> set[str] | frozenset[str]:
-        plan = self.plans.get(name)
-        return plan.members if plan is not None else frozenset()
-
-    def _context_views(self, now: float) -> list[ContextView]:
-        out = []
-        for plan in self.plans.values():
-            if not plan.pending and not plan.members:
-                continue
-            pending = len(plan.pending)
-            if pending:
-                plan.drained_at = None
-            else:
-                # Tasks submitted one by one often finish before the next arrives: keep the set
-                # (and its workers' room) for as long as reloading would cost, so the next task
-                # finds it warm and other contexts do not evict it in between.
-                if plan.drained_at is None:
-                    plan.drained_at = now
-                grace = plan.load_seconds if plan.load_seconds is not None else self.settings.default_load_seconds
-                if now - plan.drained_at < grace:
-                    pending = 1  # a placeholder: no task is restricted, the set does not grow
-            out.append(
-                ContextView(
-                    plan.name,
-                    pending=pending,
-                    task_seconds=self._task_seconds(plan) if plan.pending else 0.0,
-                    load_seconds=plan.load_seconds,
-                    fetch_seconds=plan.fetch_seconds,
-                    size=plan.size,
-                    members=frozenset(plan.members),
-                )
-            )
-        return out
-
-    def _task_seconds(self, plan: ContextPlan) -> float:
-        """Median seconds per pending task, from a sample of them (see :meth:`_work`)."""
-        n = len(plan.pending)
-        sample = plan.pending if n <= _SAMPLE else itertools.islice(plan.pending, _SAMPLE)
-        work, counted = self._work(plan, sample)
-        return work / counted if counted else 0.0
-
-    def _work(self, plan: ContextPlan, keys: Iterable | None = None) -> tuple[float, int]:
-        """Thread-seconds of the pending work in ``keys`` (all pending by default), and how many were found.
-
-        Uses Dask's per-prefix duration average (from which worker plugins
-        removed load time; ``distributed.scheduler.default-task-durations``
-        declares one up front). For a prefix never timed, see
-        :meth:`_untimed_seconds`.
-        """
-        assert self.scheduler is not None
-        tasks = self.scheduler.tasks
-        per_prefix: dict[Any, float] = {}
-        total = 0.0
-        counted = 0
-        for key in plan.pending if keys is None else keys:
-            ts = tasks.get(key)
-            if ts is None:
-                continue
-            prefix = ts.prefix
-            d = per_prefix.get(prefix)
-            if d is None:
-                d = per_prefix[prefix] = (
-                    prefix.duration_average if prefix.duration_average >= 0 else self._untimed_seconds(plan, prefix)
-                )
-            total += d
-            counted += 1
-        return total, counted
-
-    def _untimed_seconds(self, plan: ContextPlan, prefix: Any) -> float:
-        """Estimated seconds per task of a prefix that no task has finished yet.
-
-        While no worker holds the context resident nothing can time it, so
-        Dask's own prior (``distributed.scheduler.unknown-task-duration``,
-        0.5 s by default) stands in: a large backlog then warms several
-        workers side by side instead of one load after another. Once one
-        is resident (the planner gives it the tasks first) its first task is
-        about to give the real figure, so the longest elapsed time of the
-        prefix's tasks running on resident workers is used: a lower bound
-        that grows while they run, which keeps a warm worker's few short
-        tasks from warming others.
-        """
-        assert self.scheduler is not None
-        longest, resident = 0.0, False
-        for addr, wc in self.warm.get(plan.name, {}).items():
-            ws = self.scheduler.workers.get(addr)
-            if ws is None or wc.state is not State.RESIDENT:
-                continue  # still loading: elapsed time is load time, not task time
-            resident = True
-            for ts, elapsed in ws.executing.items():
-                if ts.prefix is prefix and elapsed > longest:
-                    longest = elapsed
-        return longest if resident else float(self.scheduler.UNKNOWN_TASK_DURATION)
 
     # -- planning ----------------------------------------------------------------------
     def _cannot_hold(self, plan: ContextPlan, addr: str) -> bool:
@@ -551,8 +229,3 @@ class PlacementPlanner:
             )
             for name in sorted(set(self.plans) | set(self.warm))
         }
-
-
-def ewma(old: float | None, new: float, weight: float = _EWMA) -> float:
-    """Exponentially weighted moving average: ``new`` weighs ``weight``."""
-    return new if old is None else weight * new + (1 - weight) * old

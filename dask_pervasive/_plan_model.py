@@ -53,6 +53,7 @@ class WorkerView:
     host_budget: int | None = None  #: ``max_bytes`` (None: unlimited)
     device_budget: int | None = None  #: ``device_max_bytes`` (None: unlimited)
     other_seconds: float = 0.0  #: median seconds of queued work outside our contexts (plain tasks)
+    peers: bool = True  #: its cold loads may copy from peers (``pervasive.transfer.peers``)
     contexts: Mapping[str, Holding] = field(default_factory=dict)
 
 
@@ -63,10 +64,13 @@ class ContextView:
     name: str
     pending: int  #: unfinished tasks
     task_seconds: float = 0.0  #: median seconds per task (the placement side supplies a prior when untimed)
-    load_seconds: float | None = None  #: EWMA of fetch + load over all workers
-    fetch_seconds: float | None = None  #: EWMA of the fetch part
+    load_seconds: float | None = None  #: a cold load reading the origin (fetch + load), over all workers
+    fetch_seconds: float | None = None  #: the fetch part of it
     size: tuple[int, int] | None = None  #: (host, device) bytes, declared or measured; None: unknown
     members: frozenset[str] = frozenset()  #: the current affinity set
+    setup_seconds: float | None = None  #: the part after the fetch (what a worker with the files cached pays)
+    #: a cold load copying from a peer; None while no worker holds a complete copy (or none was timed)
+    peer_load_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ class _Worker:
         "evictable",
         "evicted",
         "free",
+        "idle_bytes",
         "last",
         "limited",
         "pin_bytes",
@@ -162,6 +167,8 @@ class _Worker:
         self.evictable: dict[str, tuple[tuple[int, int], float]] = {}
         self.ev_bytes = [0, 0]
         self.evicted: set[str] = set()
+        #: bytes of resident contexts nobody has tasks for (its LRU evicts them freely, but they stay useful)
+        self.idle_bytes = [0, 0]
 
     def used(self, size: tuple[int, int] | None) -> tuple[int, int]:
         """Bytes ``size`` counts for (an unknown size takes the whole budget: a worker of its own)."""
@@ -200,6 +207,22 @@ class _Worker:
         if e is not None:
             self.ev_bytes[0] -= e[0][0]
             self.ev_bytes[1] -= e[0][1]
+
+    def idle_add(self, used: tuple[int, int]) -> None:
+        self.idle_bytes[0] += used[0]
+        self.idle_bytes[1] += used[1]
+
+    def spare(self, name: str, size: tuple[int, int] | None) -> bool:
+        """Context ``name`` fits beside everything the worker holds: loading it evicts nothing."""
+        if not self.limited:
+            return True
+        if size is None:
+            return False
+        need = self.used(size)
+        own = self.pinned.get(name) or (0, 0)
+        h = self.pin_bytes[0] + self.ev_bytes[0] + self.idle_bytes[0] + need[0] - own[0]
+        d = self.pin_bytes[1] + self.ev_bytes[1] + self.idle_bytes[1] + need[1] - own[1]
+        return h <= self.budget[0] and d <= self.budget[1]
 
     def fit(self, name: str, size: tuple[int, int] | None) -> tuple[float, tuple[str, ...]] | None:
         """``(reload cost, evicted contexts)`` for context ``name`` to fit in the budget; None if it cannot."""

@@ -174,6 +174,8 @@ class Planner:
                 c = demand.get(name)
                 if c is None:
                     busy += h.queued_seconds
+                    if h.state == _RESIDENT:
+                        w.idle_add(w.used((h.host_bytes or 0, h.device_bytes or 0)))
                     continue  # no demand: the worker's LRU may evict it freely
                 if v.address in c.members:
                     continue  # pinned below
@@ -224,12 +226,11 @@ class Planner:
                 continue
             steps += 1
             best = None
-            base = c.view.load_seconds if c.view.load_seconds is not None else s.default_load_seconds
             for w in self._candidates(c, ws, heap, holders[c.view.name]):
                 if (
                     best is not None
                     and c.view.name not in w.view.contexts
-                    and w.free + base * w.view.load_factor > best[0][0]
+                    and w.free + self._cold_load(w, c) > best[0][0]
                 ):
                     continue  # cold and ready later than the best so far
                 ev = self._evaluate(c, w, plan_no)
@@ -251,53 +252,14 @@ class Planner:
                 reason = f"no worker has room: shares {w.view.address} with {sorted(w.pinned)}"
             self._commit(c, w, ready, cold, evicts, reason, heap, prewarm)
 
-        # Grow, the context that finishes last first.
+        # Grow, the context that finishes last first: first with additions that pay for themselves,
+        # then with the idle capacity that is left (see the module docstring).
         limit = len(ws) + len(demand)
-        grow = [(-c.finish, c.view.name) for c in demand.values() if c.view.name not in released]
-        heapq.heapify(grow)
         additions = 0
-        while grow and additions < limit:
-            _, name = heapq.heappop(grow)
-            c = demand[name]
-            if not self._may_grow(c):
-                continue
-            steps += 1
-            best = None
-            base = c.view.load_seconds if c.view.load_seconds is not None else s.default_load_seconds
-            finish_now = c.finish
-            for w in self._candidates(c, ws, heap, holders[name]):
-                if name not in w.view.contexts:
-                    # Cold: it pays only if the backlog outlasts its free time plus twice its load
-                    # (the work the set saves is rate * (finish - ready), the work it gives up
-                    # rate * overhead); and it must beat the best so far.
-                    lower = base * w.view.load_factor
-                    if finish_now <= w.free + 2 * lower or (
-                        best is not None and w.rate <= best[1].rate and w.free + lower >= best[2][2]
-                    ):
-                        continue
-                elif w.free >= finish_now and w.free > _EPS:
-                    continue  # busy until after the backlog is done
-                ev = self._evaluate(c, w, plan_no)
-                if ev is None:
-                    continue
-                finish, rate_after, ready, overhead, cold, evicts = ev
-                gain = c.finish - finish
-                if overhead == 0 and w.free <= _EPS:
-                    ok = gain >= -_EPS  # warm and idle: joins for free, even before durations are known
-                else:
-                    ok = gain > _EPS and gain * rate_after > overhead * w.rate  # pays for itself
-                if ok:
-                    key = (-gain, overhead, w.view.address)
-                    if best is None or key < best[0]:
-                        best = (key, w, ev)
-            if best is None:
-                continue  # this context is done growing
-            _, w, (finish, _, ready, _, cold, evicts) = best
-            reason = f"backlog finishes in {c.finish:.1f}s, {finish:.1f}s with {w.view.address}"
-            self._commit(c, w, ready, cold, evicts, reason, heap, prewarm)
-            self._over.pop(name, None)
-            additions += 1
-            heapq.heappush(grow, (-c.finish, name))
+        for idle in (False, True):
+            added, taken = self._grow(demand, released, ws, heap, holders, prewarm, plan_no, limit - additions, idle)
+            additions += added
+            steps += taken
 
         for name, c in demand.items():
             decisions[name] = ContextDecision(
@@ -310,16 +272,84 @@ class Planner:
             )
         return PlanResult(decisions, tuple(prewarm), steps)
 
+    def _grow(self, demand, released, ws, heap, holders, prewarm, plan_no: int, limit: int, idle: bool):
+        """Add workers to sets, the context that finishes last first; ``(additions, steps)``.
+
+        ``idle=False``: an addition must pay for itself. ``idle=True``: only workers
+        with nothing to do and room to spare are offered, and shortening the
+        backlog is enough (their time would be lost anyway; nothing is evicted).
+        """
+        grow = [(-c.finish, c.view.name) for c in demand.values() if c.view.name not in released]
+        heapq.heapify(grow)
+        additions = steps = 0
+        while grow and additions < limit:
+            _, name = heapq.heappop(grow)
+            c = demand[name]
+            if not self._may_grow(c):
+                continue
+            steps += 1
+            best = None
+            finish_now = c.finish
+            for w in self._candidates(c, ws, heap, holders[name]):
+                if idle and (w.free > _EPS or not w.spare(name, self._size(c, self._holding(w, c)))):
+                    continue
+                if name not in w.view.contexts:
+                    # Cold: it pays only if the backlog outlasts its free time plus twice its load
+                    # (the work the set saves is rate * (finish - ready), the work it gives up
+                    # rate * overhead), or, idle, once its load; and it must beat the best so far.
+                    lower = self._cold_load(w, c)
+                    if finish_now <= w.free + (1 if idle else 2) * lower or (
+                        best is not None and w.rate <= best[1].rate and w.free + lower >= best[2][2]
+                    ):
+                        continue
+                elif w.free >= finish_now and w.free > _EPS:
+                    continue  # busy until after the backlog is done
+                ev = self._evaluate(c, w, plan_no)
+                if ev is None:
+                    continue
+                finish, rate_after, ready, overhead, cold, evicts = ev
+                gain = c.finish - finish
+                if idle:
+                    ok = gain > _EPS and not evicts
+                elif overhead == 0 and w.free <= _EPS:
+                    ok = gain >= -_EPS  # warm and idle: joins for free, even before durations are known
+                else:
+                    ok = gain > _EPS and gain * rate_after > overhead * w.rate  # pays for itself
+                if ok:
+                    key = (-gain, overhead, w.view.address)
+                    if best is None or key < best[0]:
+                        best = (key, w, ev)
+            if best is None:
+                continue  # this context is done growing
+            _, w, (finish, _, ready, _, cold, evicts) = best
+            spare = " (idle capacity)" if idle else ""
+            reason = f"backlog finishes in {c.finish:.1f}s, {finish:.1f}s with {w.view.address}{spare}"
+            self._commit(c, w, ready, cold, evicts, reason, heap, prewarm)
+            self._over.pop(name, None)
+            additions += 1
+            heapq.heappush(grow, (-c.finish, name))
+        return additions, steps
+
     # -- costs ----------------------------------------------------------------------------------
     @staticmethod
     def _holding(w: _Worker, c: _Context) -> Holding:
         return w.view.contexts.get(c.view.name, _ABSENT)
 
-    def _full_load(self, w: _Worker, c: _Context, h: Holding) -> float:
-        if h.load_seconds is not None:
-            return h.load_seconds
-        base = c.view.load_seconds if c.view.load_seconds is not None else self.settings.default_load_seconds
+    def _cold_load(self, w: _Worker, c: _Context) -> float:
+        """Seconds a load of ``c`` takes on ``w`` by the context's figures: from a peer when it can copy
+        from one, else from the origin (``default_load_seconds`` before any load), times its load factor."""
+        v = c.view
+        if v.peer_load_seconds is not None and w.view.peers:
+            return v.peer_load_seconds * w.view.load_factor
+        base = v.load_seconds if v.load_seconds is not None else self.settings.default_load_seconds
         return base * w.view.load_factor
+
+    def _full_load(self, w: _Worker, c: _Context, h: Holding) -> float:
+        if h.load_seconds is None:
+            return self._cold_load(w, c)
+        if c.view.peer_load_seconds is not None and w.view.peers:
+            return min(h.load_seconds, self._cold_load(w, c))  # its own loads may have read the origin
+        return h.load_seconds
 
     def _load_cost(self, w: _Worker, c: _Context, h: Holding) -> float:
         """Seconds ``w`` still needs before it can run tasks of ``c``."""
@@ -331,6 +361,8 @@ class Planner:
         if h.state in _WARMING:
             return max(0.0, full - h.loading_for)
         if h.files:
+            if c.view.setup_seconds is not None:
+                return min(full, c.view.setup_seconds * w.view.load_factor)
             return max(0.0, full - (c.view.fetch_seconds or 0.0) * w.view.load_factor)
         return full
 

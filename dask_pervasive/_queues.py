@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from distributed import Scheduler
     from distributed.scheduler import WorkerState
 
-    from ._placement import ContextPlan, WorkerContext
+    from ._measures import ContextPlan, WorkerContext
 
 #: The ``stealing`` event of a confirmed steal: ``("confirm", key, state, victim, thief, stimulus_id)``.
 STEAL_CONFIRM = "confirm"

@@ -91,6 +91,7 @@ class ContextEntry:
     released: Any = None  #: evicted object awaiting teardown outside the lock
     last_load_seconds: float = 0.0  #: fetch + load time of the latest load
     last_fetch_seconds: float = 0.0  #: the fetch part of it
+    last_fetch_sources: dict = field(default_factory=dict)  #: bytes it copied per kind of source
     attempt: int = 0  #: number of loads started; waiters compare it to see their load's outcome
     counters: ContextCounters = field(default_factory=ContextCounters)
 
@@ -366,6 +367,7 @@ class ContextCache(BudgetAccounting):
             counters.bytes_from_peers += result.sources.get("peers", 0)
             counters.fetch_seconds += result.seconds
             entry.last_fetch_seconds = result.seconds
+            entry.last_fetch_sources = {} if result.cached else dict(result.sources)
             path = entry.files_path = result.path
             with self._lock:
                 entry.state = State.LOADING

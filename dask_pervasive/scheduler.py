@@ -32,15 +32,8 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
-from ._placement import (
-    PLACEABLE,
-    ContextPlan,
-    PlacementPlanner,
-    WorkerContext,
-    ewma,
-    find_context,
-    finish_time,
-)
+from ._measures import ContextPlan, WorkerContext
+from ._placement import PLACEABLE, PlacementPlanner, find_context
 from ._protocol import (
     DASK_STATUS_CHANGE,
     EVENT_TOPIC,
@@ -66,8 +59,8 @@ logger = logging.getLogger(__name__)
 #: Seconds between re-plans triggered by submits (new tasks in between join the current sets).
 _SUBMIT_REPLAN_GAP = 0.05
 
-# Re-exported: the planning pieces lived here before _placement.
-__all__ = ["ContextPlan", "ContextSchedulerPlugin", "WorkerContext", "finish_time"]
+# Re-exported: the planning pieces lived here before _placement and _measures.
+__all__ = ["ContextPlan", "ContextSchedulerPlugin", "WorkerContext"]
 
 
 class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
@@ -128,6 +121,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         self.plans: dict[str, ContextPlan] = {}
         self.warm: dict[str, dict[str, WorkerContext]] = defaultdict(dict)  # context -> worker -> state
         self.budgets: dict[str, tuple[int | None, int | None]] = {}
+        self.no_peers: set[str] = set()  # workers whose cold loads read the origin (transfer.peers off)
         self.task_context: dict[Any, str] = {}
         self.scheduler: Scheduler | None = None
         self._callback: PeriodicCallback | None = None
@@ -151,7 +145,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             replies = await scheduler.broadcast(msg={"op": WorkerHandler.STATE.value}, on_error="return")
             for addr, reply in replies.items():
                 if isinstance(reply, dict) and addr in scheduler.workers:
-                    self.budgets[addr] = (reply.get("max_bytes"), reply.get("device_max_bytes"))
+                    self._ingest_budget(addr, reply)
                     for row in reply.get("contexts", ()):
                         self._ingest_state(addr, row)
         from .dashboard import add_dashboard_page
@@ -194,10 +188,17 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         if worker is None or self.scheduler is None or worker not in self.scheduler.workers:
             return
         if action == Action.WORKER_BUDGET:
-            self.budgets[worker] = (msg.get("max_bytes"), msg.get("device_max_bytes"))
-            self._touch_worker(worker)
+            self._ingest_budget(worker, msg)
         elif action == Action.CONTEXT_STATE:
             self._ingest_state(worker, msg)
+
+    def _ingest_budget(self, worker: str, msg: dict) -> None:
+        self.budgets[worker] = (msg.get("max_bytes"), msg.get("device_max_bytes"))
+        if msg.get("peers", True):
+            self.no_peers.discard(worker)
+        else:
+            self.no_peers.add(worker)
+        self._touch_worker(worker)
 
     def _ingest_state(self, worker: str, msg: dict) -> None:
         name = msg["context"]
@@ -209,6 +210,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         state = State(msg["state"])
         if state in WARMING_STATES and wc.state not in WARMING_STATES:
             wc.loading_since = time.monotonic()
+            wc.holder_at_start = self._copy_source_alive(name, exclude=worker)
         wc.state = state
         wc.files = bool(msg.get("files"))
         wc.loads = msg.get("loads", wc.loads)
@@ -223,9 +225,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             wc.host_bytes, wc.device_bytes = msg.get("host_bytes", 0), msg.get("device_bytes", 0)
             plan.size = (wc.host_bytes, wc.device_bytes)
             if wc.loads > previous_loads and msg.get("last_load_seconds"):
-                self._observe_load(plan, worker, wc, msg["last_load_seconds"])
-                plan.load_seconds = ewma(plan.load_seconds, msg["last_load_seconds"])
-                plan.fetch_seconds = ewma(plan.fetch_seconds, msg.get("last_fetch_seconds", 0.0))
+                self._observe_load(plan, worker, wc, msg)
         elif wc.state is State.FAILED:
             wc.failed_at = time.monotonic()
             if len(plan.members) > 1 and worker in plan.members:

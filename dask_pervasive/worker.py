@@ -217,6 +217,8 @@ class ContextWorkerPlugin(WorkerPlugin):
                 "action": Action.WORKER_BUDGET.value,
                 "max_bytes": self.cache.max_bytes,
                 "device_max_bytes": self._known_device_budget(),
+                # Whether its cold loads may copy from peers (else they read the origin).
+                "peers": self.settings.transfer.peers,
             },
         )
 
@@ -234,6 +236,7 @@ class ContextWorkerPlugin(WorkerPlugin):
         return {
             "max_bytes": self.cache.max_bytes if self.cache is not None else None,
             "device_max_bytes": self._known_device_budget(),
+            "peers": self.settings.transfer.peers,
             "contexts": [
                 {**row, "declared_bytes": declared_bytes(self.cache.entries[row["context"]])}
                 for row in self.cache.snapshot()
@@ -350,6 +353,8 @@ class ContextWorkerPlugin(WorkerPlugin):
                 "load_seconds": entry.counters.load_seconds,
                 "last_load_seconds": entry.last_load_seconds,
                 "last_fetch_seconds": entry.last_fetch_seconds,
+                "last_fetch_origin_bytes": entry.last_fetch_sources.get("origin", 0),
+                "last_fetch_peer_bytes": entry.last_fetch_sources.get("peers", 0),
                 "declared_bytes": declared_bytes(entry),
             },
         )

@@ -174,12 +174,41 @@ def test_big_backlog_grows_and_prewarms():
     assert d.finish == pytest.approx((6 + 4 * 0.5) / 4)
 
 
-def test_growth_stops_when_a_cold_worker_no_longer_pays():
-    # 2 s of work, 0.5 s loads: a 2nd and 3rd worker pay, a 4th would save less than its load
-    ws = [WorkerView("w000", contexts={"m": RESIDENT})] + views(8)[1:]
+def test_growth_stops_when_a_busy_cold_worker_no_longer_pays():
+    # 2 s of work, 0.5 s loads, workers busy 50 ms with plain tasks: a 2nd and 3rd worker pay,
+    # a 4th would save less work than it spends loading
+    ws = [WorkerView("w000", contexts={"m": RESIDENT})] + views(8, other_seconds=0.05)[1:]
     ctx = ContextView("m", pending=100, task_seconds=0.02, load_seconds=0.5, members=frozenset({"w000"}))
     d = plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2)).contexts["m"]
     assert len(d.members) == 3
+    assert not any("idle capacity" in a.reason for a in d.added)
+
+
+def test_idle_workers_join_while_they_shorten_the_backlog():
+    # The same backlog on idle workers: their loads take no other work, so each one that shortens
+    # the backlog joins (8 of 8), the first two because they pay for themselves.
+    ws = [WorkerView("w000", contexts={"m": RESIDENT})] + views(8)[1:]
+    ctx = ContextView("m", pending=100, task_seconds=0.02, load_seconds=0.5, members=frozenset({"w000"}))
+    d = plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    assert len(d.members) == 8
+    idle = [a for a in d.added if "idle capacity" in a.reason]
+    assert len(idle) == 5 and all(a.cold for a in idle)
+    assert d.finish == pytest.approx((2 + 7 * 0.5) / 8)
+
+
+def test_idle_capacity_evicts_nothing():
+    # Room for one context: an idle worker holding another (no tasks now) is not used for spare
+    # capacity, and neither is one whose budget the context would fill past.
+    size = (1000, 0)
+    held = Holding(state="resident", host_bytes=1000)
+    ws = [WorkerView("w000", host_budget=1500, contexts={"m": RESIDENT})]
+    ws += [WorkerView(a, host_budget=1500, contexts={"other": held}) for a in addrs(8)[1:]]
+    busy = ContextView("m", pending=100, task_seconds=0.02, load_seconds=0.5, size=size, members=frozenset({"w000"}))
+    d = plan_once(ws, [busy], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    assert not any("idle capacity" in a.reason for a in d.added)
+    ws = [ws[0]] + [WorkerView(a, host_budget=1500) for a in addrs(8)[1:]]
+    d = plan_once(ws, [busy], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    assert len(d.members) == 8
 
 
 def test_warm_idle_workers_join_even_before_durations_are_known():
@@ -546,3 +575,44 @@ def test_settings_from_the_scheduler_settings_and_no_prewarm():
     assert (settings.prewarm, settings.prewarm_backlog, settings.shrink_plans) == (False, 2, 5)
     result = plan_once(views(4), [ContextView("m", pending=300, task_seconds=0.02, load_seconds=0.5)], settings)
     assert len(result.contexts["m"].members) == 4 and result.prewarm == ()
+
+
+# -- where a cold worker's files come from ---------------------------------------------------
+def _busy_cold(n, **kw):
+    """A warm member and ``n - 1`` cold workers busy 50 ms with plain tasks (not idle capacity)."""
+    return [WorkerView("w000", contexts={"m": RESIDENT})] + views(n, other_seconds=0.05, **kw)[1:]
+
+
+def test_a_cold_worker_that_can_copy_from_a_peer_is_priced_at_the_copy():
+    # 2 s of backlog; reading the origin takes 5 s (never pays), copying from a peer 0.3 s (pays).
+    origin = ContextView("m", pending=100, task_seconds=0.02, load_seconds=5.0, members=frozenset({"w000"}))
+    d = plan_once(_busy_cold(4), [origin], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    assert d.members == {"w000"}
+    peer = ContextView(
+        "m", pending=100, task_seconds=0.02, load_seconds=5.0, members=frozenset({"w000"}), peer_load_seconds=0.3
+    )
+    d = plan_once(_busy_cold(4), [peer], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    assert len(d.members) == 4 and all(a.cold for a in d.added)
+    # a worker that does not copy from peers (pervasive.transfer.peers off) still reads the origin
+    d = plan_once(_busy_cold(4, peers=False), [peer], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    assert d.members == {"w000"}
+
+
+def test_cached_files_cost_the_setup_only():
+    # the worker has the files: it pays the 0.2 s setup, not the 5 s origin read minus a fetch guess
+    ws = [WorkerView("w000", contexts={"m": RESIDENT})]
+    ws.append(WorkerView("w001", other_seconds=0.05, contexts={"m": Holding(state="evicted", files=True)}))
+    ctx = ContextView(
+        "m", pending=100, task_seconds=0.02, load_seconds=5.0, fetch_seconds=1.0, members=frozenset({"w000"})
+    )
+    assert plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2)).contexts["m"].members == {"w000"}
+    ctx = ContextView(
+        "m",
+        pending=100,
+        task_seconds=0.02,
+        load_seconds=5.0,
+        fetch_seconds=1.0,
+        members=frozenset({"w000"}),
+        setup_seconds=0.2,
+    )
+    assert plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2)).contexts["m"].members == {"w000", "w001"}

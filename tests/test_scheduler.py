@@ -18,7 +18,7 @@ from plugin_helpers import add_plugin
 
 import dask_pervasive as dp
 from dask_pervasive._protocol import WARMING_STATES, State
-from dask_pervasive.scheduler import ContextSchedulerPlugin, finish_time
+from dask_pervasive.scheduler import ContextSchedulerPlugin
 
 SLOW = dp.Context("slow", load=functools.partial(load_sleep, seconds=0.5), device="cpu")
 
@@ -40,16 +40,6 @@ def ran_on(s, futures) -> list[str]:
 
 async def loads(c, name=None):
     return (await dp.stats(c)).total("loads", name)
-
-
-def test_finish_time_water_filling():
-    assert finish_time([], 10) == float("inf")
-    assert finish_time([(0, 1)], 10) == 10
-    assert finish_time([(0, 1), (0, 1)], 10) == 5
-    # a cold worker ready at 3s helps a 10s backlog: (10 + 3) / 2
-    assert finish_time([(0, 1), (3, 1)], 10) == 6.5
-    # ... but not a 2s one
-    assert finish_time([(0, 1), (3, 1)], 2) == 2
 
 
 async def few_tasks_wait_for_the_warm_worker(c, s, workers, timed: bool) -> None:

@@ -65,6 +65,37 @@ async def test_without_scheduler_plugin_every_worker_reads_origin(c, s, a, b, ht
     assert http_origin.bytes_served == 2 * size
 
 
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=SMALL_CHUNKS)
+async def test_scheduler_times_origin_reads_and_peer_copies_apart(c, s, a, b, w3, http_origin):
+    # What prices a cold worker in placement: an origin read and a copy from a complete peer
+    # are different costs, reported per load by the workers.
+    files = make_model(http_origin)
+    size = sum(map(len, files.values()))
+    await dp.install(c, [model_context(http_origin)])
+    plugin = s.plugins["pervasive"]
+    plan = plugin.plans.get("m")
+    assert plan is None or plan.origin_fetch_seconds is None
+    assert not plugin._copy_source_alive("m")
+    await dp.prewarm(c, "m", workers=[a.address], progress=False)
+    plan = plugin.plans["m"]
+    assert plan.origin_fetch_seconds is not None and plan.peer_fetch_seconds is None
+    assert plugin.warm["m"][a.address].holder_at_start is False
+    # a is a complete holder now: a cold worker would copy from it, priced (until a copy is
+    # timed) at the files' size over Dask's bandwidth estimate
+    assert plugin._copy_source_alive("m") and not plugin._copy_source_alive("m", exclude=a.address)
+    prior = plugin._peer_fetch_prior("m")
+    assert prior == pytest.approx(size / s.bandwidth)
+    assert plan.peer_load_seconds(prior) == pytest.approx(plan.setup_seconds + prior)
+    origin_fetch = plan.origin_fetch_seconds
+    await dp.prewarm(c, "m", workers=[b.address], progress=False)
+    row = (await rows_by_worker(c))[b.address]
+    assert row["bytes_from_peers"] == size and row["bytes_from_origin"] == 0
+    assert plugin.warm["m"][b.address].holder_at_start is True
+    assert plan.peer_fetch_seconds is not None
+    assert plan.origin_fetch_seconds == origin_fetch  # the copy does not count as an origin read
+    assert plan.peer_load_seconds(None) == pytest.approx(plan.setup_seconds + plan.peer_fetch_seconds)
+
+
 @pytest.mark.parametrize("damage", ["file", "manifest"])
 @gen_cluster(client=True, nthreads=[("", 1)] * 2, config=SMALL_CHUNKS)
 async def test_corrupt_peer_copy_is_detected_and_not_loaded(c, s, a, b, http_origin, damage):

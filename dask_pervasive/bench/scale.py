@@ -69,6 +69,8 @@ CASES = ("floor", "roomy", "roomy-off", "tight", "tight-off", "map", "churn", "h
 QUICK_CASES = ("floor", "roomy", "tight", "hetero-floor", "hetero")
 SLOWDOWN = 2.0
 GRID_TASK_SECONDS = 0.02
+START_BATCH = 25  #: in-process workers started at once
+CONNECT_TIMEOUT = "120s"
 
 #: Worker addresses whose tasks sleep ``SLOWDOWN`` times longer (workers are in-process).
 SLOW: set[str] = set()
@@ -223,10 +225,17 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
 # -- one case ---------------------------------------------------------------------------
 @contextmanager
 def in_process_cluster(n_workers: int) -> Iterator[tuple[LocalCluster, Client]]:
-    """``n_workers`` one-thread in-process workers and a client, all up."""
+    """``n_workers`` one-thread in-process workers and a client, all up.
+
+    Workers start ``START_BATCH`` at a time, each batch registered before the
+    next starts, and comms get ``CONNECT_TIMEOUT``: with 200 in-process
+    workers on 2 cores, one event loop and one GIL, starting them all at once
+    ran past Dask's 30 s connect timeout.
+    """
     with (
+        dask.config.set({"distributed.comm.timeouts.connect": CONNECT_TIMEOUT}),
         LocalCluster(
-            n_workers=n_workers,
+            n_workers=min(n_workers, START_BATCH),
             threads_per_worker=1,
             processes=False,
             dashboard_address=":0",
@@ -234,7 +243,12 @@ def in_process_cluster(n_workers: int) -> Iterator[tuple[LocalCluster, Client]]:
         ) as cluster,
         Client(cluster) as client,
     ):
-        client.wait_for_workers(n_workers)
+        up = min(n_workers, START_BATCH)
+        client.wait_for_workers(up)
+        while up < n_workers:
+            up = min(n_workers, up + START_BATCH)
+            cluster.scale(up)
+            client.wait_for_workers(up)
         yield cluster, client
 
 

@@ -1,0 +1,341 @@
+"""Planner inputs: the scheduler plugin's state turned into the joint planner's views.
+
+:class:`PlannerInputs` (a mixin of :class:`~dask_pervasive.ContextSchedulerPlugin`,
+through :class:`~dask_pervasive._placement.PlacementPlanner`) measures what the
+planner needs that workers do not report directly (per-worker task speed and
+load factor, from finished tasks and loads; the records are in
+:mod:`dask_pervasive._measures`) and builds the
+:class:`~dask_pervasive._planner.WorkerView` and
+:class:`~dask_pervasive._planner.ContextView` of one plan.
+
+Cost per plan: ``O(C)`` context views (task time from a sample of at most
+``_SAMPLE`` pending tasks, not all of them; whether a complete copy of a
+context's files is alive stops at the first holder found), and ``O(W)`` worker
+views of which only those whose state or queue changed since the last plan (or
+with a load running or a recent failure, whose numbers age) are rebuilt, each
+in ``O(h + q)`` (contexts it holds, contexts it has tasks of: the queue counts
+come from :class:`~dask_pervasive._queues.WorkerQueues`, kept incrementally,
+never from a scan of the tasks).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._measures import ContextPlan, WorkerContext, WorkerRates, ewma
+from ._planner import ContextView, Holding, WorkerView
+from ._protocol import WARMING_STATES, State
+from ._queues import WorkerQueues
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+    from ._settings import SchedulerSettings
+    from .transfer import SourceCoordinator
+
+_SPEED_EWMA = 0.2  #: task times are noisy: a slower average than for loads
+_SPEED_TOLERANCE = 0.1  #: a worker's view is rebuilt when its speed moved more than this
+_MIN_TIMED = 5e-3  #: seconds: tasks shorter than this do not measure speeds
+_SAMPLE = 32  #: pending tasks looked at for a context's task time
+
+
+class PlannerInputs:
+    """Measurements and planner views over the plugin's ``plans``, ``warm``, ``budgets`` and ``scheduler``."""
+
+    scheduler: Scheduler | None
+    settings: SchedulerSettings
+    plans: dict[str, ContextPlan]
+    warm: dict[str, dict[str, WorkerContext]]
+    budgets: dict[str, tuple[int | None, int | None]]
+    no_peers: set[str]
+    transfer: SourceCoordinator | None
+    _schedule_replan: Callable[[], None]  #: the plugin's: re-plan on the next loop iteration
+
+    # -- per-worker measurements ------------------------------------------------------
+    @property
+    def rates(self) -> dict[str, WorkerRates]:
+        """Per-worker measured task speed and load factor."""
+        rates = self.__dict__.get("_rates")
+        if rates is None:
+            rates = self.__dict__["_rates"] = {}
+        return rates
+
+    @property
+    def queues(self) -> WorkerQueues:
+        """Our tasks in ``processing`` per worker and context (kept from transitions and steals)."""
+        queues = self.__dict__.get("_queues")
+        if queues is None:
+            queues = self.__dict__["_queues"] = WorkerQueues()
+        return queues
+
+    def _views_cache(self) -> dict[str, Any]:
+        cache = self.__dict__.get("_views")
+        if cache is None:
+            cache = self.__dict__["_views"] = {"version": {}, "views": {}, "by_worker": {}}
+        return cache
+
+    def _touch_worker(self, addr: str, name: str | None = None) -> None:
+        """``addr`` reported something (a context state, its budget): rebuild its view at the next plan."""
+        cache = self._views_cache()
+        cache["version"][addr] = cache["version"].get(addr, 0) + 1
+        if name is not None:
+            wc = self.warm.get(name, {}).get(addr)
+            if wc is not None:
+                cache["by_worker"].setdefault(addr, {})[name] = wc
+
+    def _forget_worker(self, addr: str) -> None:
+        cache = self._views_cache()
+        for part in cache.values():
+            part.pop(addr, None)
+        self.rates.pop(addr, None)
+        self.no_peers.discard(addr)
+        self.queues.forget_worker(addr)
+
+    def _observe_load(self, plan: ContextPlan, addr: str, wc: WorkerContext, msg: dict) -> None:
+        """A load of ``plan`` on ``addr`` finished (``msg``: the worker's state event).
+
+        Its load factor compares it with what a load from the same kind of
+        source took elsewhere, before this one counts in the context's figures.
+        """
+        seconds = msg["last_load_seconds"]
+        parts = (
+            msg.get("last_fetch_seconds", 0.0),
+            msg.get("last_fetch_origin_bytes", 0),
+            msg.get("last_fetch_peer_bytes", 0),
+            wc.holder_at_start,
+        )
+        expected = plan.expected_load_seconds(*parts[1:])
+        if expected:
+            r = self.rates.setdefault(addr, WorkerRates())
+            r.load_factor = ewma(r.load_factor if r.loads else None, seconds / expected)
+            r.loads += 1
+        wc.load_seconds = ewma(wc.load_seconds, seconds)
+        plan.observe_load(seconds, *parts)
+        self._touch_worker(addr, plan.name)
+
+    def _observe_finished(self, key: Any, worker: str | None, startstops: Any) -> None:
+        """A context task finished on ``worker``: its compute time against its prefix's average."""
+        if not worker or not startstops or self.scheduler is None:
+            return
+        ts = self.scheduler.tasks.get(key)
+        if ts is None:
+            return
+        plan = self.plans.get(self.task_context.get(key, ""))
+        if plan is not None and not plan.timed:
+            # Until now its task time was a lower bound (0 before any ran): only warm workers could join.
+            plan.timed = True
+            self.queues.mark_all()  # queued work of this context was counted as 0 seconds
+            if plan.pending:
+                self._schedule_replan()
+        compute = sum(s["stop"] - s["start"] for s in startstops if s.get("action") == "compute")
+        if compute <= _MIN_TIMED:
+            return  # too short to tell speeds apart from scheduling noise
+        # Against the running mean of the prefix over all workers (Dask's own average follows the
+        # latest tasks, so it swings between fast and slow workers).
+        totals = self.__dict__.setdefault("_prefix_seconds", {})
+        total = totals.get(ts.prefix.name)
+        if total is None:
+            total = totals[ts.prefix.name] = [0.0, 0]
+        total[0] += compute
+        total[1] += 1
+        average = total[0] / total[1]
+        r = self.rates.setdefault(worker, WorkerRates())
+        r.speed = ewma(r.speed if r.tasks else None, min(max(compute / average, 0.1), 10.0), _SPEED_EWMA)
+        r.tasks += 1
+        if abs(r.speed - r.planned_speed) > _SPEED_TOLERANCE * r.planned_speed:
+            r.planned_speed = r.speed
+            self._touch_worker(worker)
+
+    # -- views -------------------------------------------------------------------------
+    def _holding(self, wc: WorkerContext, now: float, queued: float = 0.0) -> Holding:
+        failed = (
+            wc.state is State.FAILED
+            and wc.failed_at is not None
+            and now - wc.failed_at < self.settings.retry_failed_after
+        )
+        resident = wc.state is State.RESIDENT
+        return Holding(
+            state=wc.state.value,
+            files=wc.files,
+            loading_for=now - wc.loading_since if wc.state in WARMING_STATES else 0.0,
+            load_seconds=wc.load_seconds,
+            queued_seconds=queued,
+            host_bytes=wc.host_bytes if resident else None,
+            device_bytes=wc.device_bytes if resident else None,
+            failed_recently=failed,
+        )
+
+    def _worker_views(self, now: float, task_seconds: dict[str, float]) -> list[WorkerView]:
+        """Views of the running workers; unchanged ones (state and queues) come from the cache.
+
+        A worker's queued work per context is its tasks in ``processing``
+        (from :attr:`queues`) times the context's task time
+        (``task_seconds``); work of a context it holds nothing of goes to its
+        ``other_seconds``, with its plain tasks (Dask's occupancy minus ours).
+        """
+        assert self.scheduler is not None
+        cache = self._views_cache()
+        versions, views, by_worker = cache["version"], cache["views"], cache["by_worker"]
+        changed = self.queues.take_changed()
+        out = []
+        for ws in self.scheduler.running:
+            addr = ws.address
+            version = versions.get(addr, 0)
+            cached = views.get(addr)
+            if cached is not None and cached[0] == version and not cached[2] and addr not in changed:
+                out.append(cached[1])
+                continue
+            volatile = False
+            contexts = {}
+            held = by_worker.get(addr, {})
+            counts = self.queues.counts(addr)
+            queued = {name: n * task_seconds.get(name, 0.0) for name, n in counts.items()}
+            ours = sum(queued.values())
+            for name, wc in held.items():
+                if wc.state is State.ABSENT and not wc.files:
+                    continue
+                h = self._holding(wc, now, queued.pop(name, 0.0))
+                volatile = volatile or wc.state in WARMING_STATES or h.failed_recently
+                contexts[name] = h
+            r = self.rates.get(addr)
+            host_budget, device_budget = self.budgets.get(addr, (None, None))
+            # Plain tasks: Dask's occupancy (estimated seconds of all its processing tasks) less ours.
+            plain = max(0.0, ws.occupancy - ours) if len(ws.processing) > sum(counts.values()) else 0.0
+            view = WorkerView(
+                addr,
+                nthreads=ws.nthreads,
+                speed=r.planned_speed if r is not None else 1.0,
+                load_factor=r.load_factor if r is not None else 1.0,
+                host_budget=host_budget,
+                device_budget=device_budget,
+                # Queued for contexts it holds nothing of (a member's is in the context's own backlog).
+                other_seconds=plain + sum(v for n, v in queued.items() if addr not in self._members_of(n)),
+                peers=addr not in self.no_peers,
+                contexts=contexts,
+            )
+            views[addr] = (version, view, volatile)
+            out.append(view)
+        return out
+
+    def _members_of(self, name: str) -> set[str] | frozenset[str]:
+        plan = self.plans.get(name)
+        return plan.members if plan is not None else frozenset()
+
+    def _context_views(self, now: float) -> list[ContextView]:
+        out = []
+        for plan in self.plans.values():
+            if not plan.pending and not plan.members:
+                continue
+            pending = len(plan.pending)
+            if pending:
+                plan.drained_at = None
+            else:
+                # Tasks submitted one by one often finish before the next arrives: keep the set
+                # (and its workers' room) for as long as reloading would cost, so the next task
+                # finds it warm and other contexts do not evict it in between.
+                if plan.drained_at is None:
+                    plan.drained_at = now
+                grace = plan.load_seconds if plan.load_seconds is not None else self.settings.default_load_seconds
+                if now - plan.drained_at < grace:
+                    pending = 1  # a placeholder: no task is restricted, the set does not grow
+            out.append(
+                ContextView(
+                    plan.name,
+                    pending=pending,
+                    task_seconds=self._task_seconds(plan) if plan.pending else 0.0,
+                    load_seconds=plan.origin_load_seconds(),
+                    fetch_seconds=plan.origin_fetch_seconds
+                    if plan.origin_fetch_seconds is not None
+                    else plan.fetch_seconds,
+                    setup_seconds=plan.setup_seconds,
+                    peer_load_seconds=(
+                        plan.peer_load_seconds(self._peer_fetch_prior(plan.name))
+                        if self._copy_source_alive(plan.name)
+                        else None
+                    ),
+                    size=plan.size,
+                    members=frozenset(plan.members),
+                )
+            )
+        return out
+
+    def _copy_source_alive(self, name: str, exclude: str | None = None) -> bool:
+        """Whether a running worker (other than ``exclude``) holds a complete copy of ``name``'s files."""
+        assert self.scheduler is not None
+        workers = self.scheduler.workers
+        suspect = self.transfer.suspect.get(name, ()) if self.transfer is not None else ()
+        for addr, wc in self.warm.get(name, {}).items():
+            if wc.files and addr != exclude and addr in workers and addr not in suspect:
+                return True
+        return False
+
+    def _peer_fetch_prior(self, name: str) -> float | None:
+        """Seconds a peer copy should take before one was timed: the files' bytes at Dask's measured
+        worker-to-worker bandwidth (``distributed.scheduler.bandwidth`` until transfers refine it)."""
+        assert self.scheduler is not None
+        known = self.transfer.manifests.get(name) if self.transfer is not None else None
+        if known is None:
+            return None
+        size = sum(int(meta.get("size", 0)) for meta in known[2].get("files", {}).values())
+        return size / max(float(self.scheduler.bandwidth), 1.0)
+
+    def _task_seconds(self, plan: ContextPlan) -> float:
+        """Median seconds per pending task, from a sample of them (see :meth:`_work`)."""
+        n = len(plan.pending)
+        sample = plan.pending if n <= _SAMPLE else itertools.islice(plan.pending, _SAMPLE)
+        work, counted = self._work(plan, sample)
+        return work / counted if counted else 0.0
+
+    def _work(self, plan: ContextPlan, keys: Iterable | None = None) -> tuple[float, int]:
+        """Thread-seconds of the pending work in ``keys`` (all pending by default), and how many were found.
+
+        Uses Dask's per-prefix duration average (from which worker plugins
+        removed load time; ``distributed.scheduler.default-task-durations``
+        declares one up front). For a prefix never timed, see
+        :meth:`_untimed_seconds`.
+        """
+        assert self.scheduler is not None
+        tasks = self.scheduler.tasks
+        per_prefix: dict[Any, float] = {}
+        total = 0.0
+        counted = 0
+        for key in plan.pending if keys is None else keys:
+            ts = tasks.get(key)
+            if ts is None:
+                continue
+            prefix = ts.prefix
+            d = per_prefix.get(prefix)
+            if d is None:
+                d = per_prefix[prefix] = (
+                    prefix.duration_average if prefix.duration_average >= 0 else self._untimed_seconds(plan, prefix)
+                )
+            total += d
+            counted += 1
+        return total, counted
+
+    def _untimed_seconds(self, plan: ContextPlan, prefix: Any) -> float:
+        """Estimated seconds per task of a prefix that no task has finished yet.
+
+        While no worker holds the context resident nothing can time it, so
+        Dask's own prior (``distributed.scheduler.unknown-task-duration``,
+        0.5 s by default) stands in: a large backlog then warms several
+        workers side by side instead of one load after another. Once one
+        is resident (the planner gives it the tasks first) its first task is
+        about to give the real figure, so the longest elapsed time of the
+        prefix's tasks running on resident workers is used: a lower bound
+        that grows while they run, which keeps a warm worker's few short
+        tasks from warming others.
+        """
+        assert self.scheduler is not None
+        longest, resident = 0.0, False
+        for addr, wc in self.warm.get(plan.name, {}).items():
+            ws = self.scheduler.workers.get(addr)
+            if ws is None or wc.state is not State.RESIDENT:
+                continue  # still loading: elapsed time is load time, not task time
+            resident = True
+            for ts, elapsed in ws.executing.items():
+                if ts.prefix is prefix and elapsed > longest:
+                    longest = elapsed
+        return longest if resident else float(self.scheduler.UNKNOWN_TASK_DURATION)
