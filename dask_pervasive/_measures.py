@@ -20,6 +20,24 @@ from ._protocol import State
 _EWMA = 0.5
 
 
+#: Kinds of fetch, by where its bytes came from (:func:`fetch_source`).
+ORIGIN, PEER, CACHED = "origin", "peer", "cached"
+
+
+def fetch_source(origin_bytes: int = 0, peer_bytes: int = 0, holder_at_start: bool = False) -> str | None:
+    """What a fetch timed: an origin read (every byte from the origin), a peer copy (every byte
+    from peers, a complete copy existing when it started), cached files or no files (no bytes);
+    ``None`` for a mixed copy, or one that streamed behind another worker's origin read and so
+    waited for that read."""
+    if origin_bytes and not peer_bytes:
+        return ORIGIN
+    if peer_bytes and not origin_bytes:
+        return PEER if holder_at_start else None
+    if not origin_bytes and not peer_bytes:
+        return CACHED
+    return None
+
+
 def ewma(old: float | None, new: float, weight: float = _EWMA) -> float:
     """Exponentially weighted moving average: ``new`` weighs ``weight``."""
     return new if old is None else weight * new + (1 - weight) * old
@@ -71,40 +89,25 @@ class ContextPlan:
     timed: bool = False  #: one of its tasks finished: Dask knows a duration (re-plan then: sets may grow)
     last_used: float = -math.inf  #: monotonic time of its last task submitted or finished, or load
 
-    def observe_load(
-        self,
-        seconds: float,
-        fetch_seconds: float = 0.0,
-        origin_bytes: int = 0,
-        peer_bytes: int = 0,
-        holder_at_start: bool = False,
-    ) -> None:
-        """One load took ``seconds``, of which ``fetch_seconds`` getting the files.
-
-        The fetch counts as an origin read when every byte came from the
-        origin, and as a peer copy when every byte came from peers and a
-        complete copy existed when it started; a copy that streamed behind
-        another worker's origin read waited for that read, so it is neither.
-        A fetch of cached files (no bytes) only times the setup.
-        """
+    def observe_load(self, seconds: float, fetch_seconds: float = 0.0, source: str | None = CACHED) -> None:
+        """One load took ``seconds``, of which ``fetch_seconds`` getting the files from ``source``
+        (see :func:`fetch_source`: a mixed or streamed copy, ``None``, times neither source)."""
         fetch_seconds = min(max(fetch_seconds, 0.0), seconds)
         self.load_seconds = ewma(self.load_seconds, seconds)
         self.fetch_seconds = ewma(self.fetch_seconds, fetch_seconds)
         self.setup_seconds = ewma(self.setup_seconds, seconds - fetch_seconds)
-        if origin_bytes and not peer_bytes:
+        if source == ORIGIN:
             self.origin_fetch_seconds = ewma(self.origin_fetch_seconds, fetch_seconds)
-        elif peer_bytes and not origin_bytes and holder_at_start:
+        elif source == PEER:
             self.peer_fetch_seconds = ewma(self.peer_fetch_seconds, fetch_seconds)
 
-    def expected_load_seconds(
-        self, origin_bytes: int = 0, peer_bytes: int = 0, holder_at_start: bool = False
-    ) -> float | None:
-        """What a load fetching from these sources took so far (``None``: none timed yet)."""
-        if origin_bytes and not peer_bytes:
+    def expected_load_seconds(self, source: str | None = CACHED) -> float | None:
+        """What a load fetching from ``source`` took so far (``None``: none timed yet)."""
+        if source == ORIGIN:
             return self.origin_load_seconds()
-        if peer_bytes and not origin_bytes and holder_at_start and self.peer_fetch_seconds is not None:
+        if source == PEER and self.peer_fetch_seconds is not None:
             return self.peer_load_seconds(None)
-        if not origin_bytes and not peer_bytes and self.setup_seconds is not None:
+        if source == CACHED and self.setup_seconds is not None:
             return self.setup_seconds  # files cached, or a context without files
         return self.load_seconds
 

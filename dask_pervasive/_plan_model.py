@@ -212,28 +212,31 @@ class _Worker:
         self.idle_bytes[0] += used[0]
         self.idle_bytes[1] += used[1]
 
+    def _pinned_with(self, name: str, size: tuple[int, int] | None) -> tuple[int, int]:
+        """Bytes pinned once context ``name`` of ``size`` is pinned too (counted once if it already is)."""
+        need = self.used(size)
+        own = self.pinned.get(name) or (0, 0)
+        return self.pin_bytes[0] + need[0] - own[0], self.pin_bytes[1] + need[1] - own[1]
+
     def spare(self, name: str, size: tuple[int, int] | None) -> bool:
         """Context ``name`` fits beside everything the worker holds: loading it evicts nothing."""
         if not self.limited:
             return True
         if size is None:
             return False
-        need = self.used(size)
-        own = self.pinned.get(name) or (0, 0)
-        h = self.pin_bytes[0] + self.ev_bytes[0] + self.idle_bytes[0] + need[0] - own[0]
-        d = self.pin_bytes[1] + self.ev_bytes[1] + self.idle_bytes[1] + need[1] - own[1]
+        h, d = self._pinned_with(name, size)
+        h += self.ev_bytes[0] + self.idle_bytes[0]
+        d += self.ev_bytes[1] + self.idle_bytes[1]
         return h <= self.budget[0] and d <= self.budget[1]
 
     def fit(self, name: str, size: tuple[int, int] | None) -> tuple[float, tuple[str, ...]] | None:
         """``(reload cost, evicted contexts)`` for context ``name`` to fit in the budget; None if it cannot."""
         if not self.limited:
             return 0.0, ()
-        own = self.pinned.get(name)  # loading already: its bytes are counted
-        if size is None and len(self.pinned) - (own is not None) > 0:
+        # unknown size: a worker of its own (pinned already, loading, counts once)
+        if size is None and len(self.pinned) - (name in self.pinned) > 0:
             return None
-        need = self.used(size)
-        h = self.pin_bytes[0] + need[0] - (own[0] if own else 0)
-        d = self.pin_bytes[1] + need[1] - (own[1] if own else 0)
+        h, d = self._pinned_with(name, size)
         bh, bd = self.budget
         if h > bh or d > bd:
             return None

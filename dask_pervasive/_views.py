@@ -24,7 +24,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._measures import ContextPlan, WorkerContext, WorkerRates, ewma
+from ._measures import ContextPlan, WorkerContext, WorkerRates, ewma, fetch_source
 from ._planner import ContextView, Holding, WorkerView
 from ._protocol import WARMING_STATES, State
 from ._queues import WorkerQueues
@@ -99,20 +99,17 @@ class PlannerInputs:
         Its load factor compares it with what a load from the same kind of
         source took elsewhere, before this one counts in the context's figures.
         """
-        seconds = msg["last_load_seconds"]
-        parts = (
-            msg.get("last_fetch_seconds", 0.0),
-            msg.get("last_fetch_origin_bytes", 0),
-            msg.get("last_fetch_peer_bytes", 0),
-            wc.holder_at_start,
+        seconds, fetch = msg["last_load_seconds"], msg.get("last_fetch_seconds", 0.0)
+        source = fetch_source(
+            msg.get("last_fetch_origin_bytes", 0), msg.get("last_fetch_peer_bytes", 0), wc.holder_at_start
         )
-        expected = plan.expected_load_seconds(*parts[1:])
+        expected = plan.expected_load_seconds(source)
         if expected:
             r = self.rates.setdefault(addr, WorkerRates())
             r.load_factor = ewma(r.load_factor if r.loads else None, seconds / expected)
             r.loads += 1
         wc.load_seconds = ewma(wc.load_seconds, seconds)
-        plan.observe_load(seconds, *parts)
+        plan.observe_load(seconds, fetch, source)
         self._touch_worker(addr, plan.name)
 
     def _observe_finished(self, key: Any, worker: str | None, startstops: Any) -> None:
@@ -250,26 +247,25 @@ class PlannerInputs:
                     if plan.origin_fetch_seconds is not None
                     else plan.fetch_seconds,
                     setup_seconds=plan.setup_seconds,
-                    peer_load_seconds=(
-                        plan.peer_load_seconds(self._peer_fetch_prior(plan.name))
-                        if self._copy_source_alive(plan.name)
-                        else None
-                    ),
+                    peer_load_seconds=self._peer_load_seconds(plan),
                     size=plan.size,
                     members=frozenset(plan.members),
                 )
             )
         return out
 
+    def _peer_load_seconds(self, plan: ContextPlan) -> float | None:
+        """A cold load of ``plan`` copying from a peer, while one holds a complete copy; else None.
+
+        The cheap checks come first: a context without files (no manifest) never scans its holders.
+        """
+        prior = None if plan.peer_fetch_seconds is not None else self._peer_fetch_prior(plan.name)
+        seconds = plan.peer_load_seconds(prior)
+        return seconds if seconds is not None and self._copy_source_alive(plan.name) else None
+
     def _copy_source_alive(self, name: str, exclude: str | None = None) -> bool:
-        """Whether a running worker (other than ``exclude``) holds a complete copy of ``name``'s files."""
-        assert self.scheduler is not None
-        workers = self.scheduler.workers
-        suspect = self.transfer.suspect.get(name, ()) if self.transfer is not None else ()
-        for addr, wc in self.warm.get(name, {}).items():
-            if wc.files and addr != exclude and addr in workers and addr not in suspect:
-                return True
-        return False
+        """Whether a worker (other than ``exclude``) the coordinator would hand out as a copy source holds ``name``."""
+        return self.transfer is not None and any(w != exclude for w in self.transfer.holders(name))
 
     def _peer_fetch_prior(self, name: str) -> float | None:
         """Seconds a peer copy should take before one was timed: the files' bytes at Dask's measured

@@ -211,16 +211,15 @@ class ContextWorkerPlugin(WorkerPlugin):
     def _publish_budgets(self) -> None:
         """Tell the scheduler plugin how much room this worker has for contexts."""
         assert self.worker is not None and self.cache is not None
-        self.worker.log_event(
-            EVENT_TOPIC,
-            {
-                "action": Action.WORKER_BUDGET.value,
-                "max_bytes": self.cache.max_bytes,
-                "device_max_bytes": self._known_device_budget(),
-                # Whether its cold loads may copy from peers (else they read the origin).
-                "peers": self.settings.transfer.peers,
-            },
-        )
+        self.worker.log_event(EVENT_TOPIC, {"action": Action.WORKER_BUDGET.value, **self._budget()})
+
+    def _budget(self) -> dict:
+        """Room for contexts, and whether cold loads may copy from peers (else they read the origin)."""
+        return {
+            "max_bytes": self.cache.max_bytes if self.cache is not None else None,
+            "device_max_bytes": self._known_device_budget(),
+            "peers": self.settings.transfer.peers,
+        }
 
     def _known_device_budget(self) -> int | None:
         # Only what is known without probing the GPU (probing imports torch).
@@ -234,9 +233,7 @@ class ContextWorkerPlugin(WorkerPlugin):
         it asks for everything it needs for placement here.
         """
         return {
-            "max_bytes": self.cache.max_bytes if self.cache is not None else None,
-            "device_max_bytes": self._known_device_budget(),
-            "peers": self.settings.transfer.peers,
+            **self._budget(),
             "contexts": [
                 {**row, "declared_bytes": declared_bytes(self.cache.entries[row["context"]])}
                 for row in self.cache.snapshot()
