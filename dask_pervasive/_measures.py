@@ -54,6 +54,7 @@ class WorkerContext:
     loads: int = 0
     failed_at: float | None = None
     loading_since: float = 0.0  #: monotonic time the current fetch/load started
+    resident_since: float = 0.0  #: monotonic time it last became resident
     load_seconds: float | None = None  #: EWMA of this worker's fetch + load of this context
     #: when the current fetch started, another worker held a complete copy (a peer copy needs no origin read)
     holder_at_start: bool = False

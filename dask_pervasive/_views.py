@@ -21,6 +21,7 @@ never from a scan of the tasks).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -222,6 +223,7 @@ class PlannerInputs:
 
     def _context_views(self, now: float) -> list[ContextView]:
         out = []
+        self.__dict__["_running_memo"] = None  # tasks' running times, looked up once per re-plan if needed
         for plan in self.plans.values():
             if not plan.pending and not plan.members:
                 continue
@@ -289,7 +291,7 @@ class PlannerInputs:
 
         Uses Dask's per-prefix duration average (from which worker plugins
         removed load time; ``distributed.scheduler.default-task-durations``
-        declares one up front). For a prefix never timed, see
+        declares one up front). For a prefix without one, see
         :meth:`_untimed_seconds`.
         """
         assert self.scheduler is not None
@@ -312,26 +314,60 @@ class PlannerInputs:
         return total, counted
 
     def _untimed_seconds(self, plan: ContextPlan, prefix: Any) -> float:
-        """Estimated seconds per task of a prefix that no task has finished yet.
+        """Estimated seconds per task of a prefix without a duration average in Dask.
 
-        While no worker holds the context resident nothing can time it, so
-        Dask's own prior (``distributed.scheduler.unknown-task-duration``,
-        0.5 s by default) stands in: a large backlog then warms several
-        workers side by side instead of one load after another. Once one
-        is resident (the planner gives it the tasks first) its first task is
-        about to give the real figure, so the longest elapsed time of the
-        prefix's tasks running on resident workers is used: a lower bound
-        that grows while they run, which keeps a warm worker's few short
-        tasks from warming others.
+        Dask forgets a prefix's average (sets it to -1) whenever a running
+        task has been executing over twice as long, which every task that
+        waits for its context's load does; a prefix with finished tasks
+        then keeps the mean of their compute times measured here (the
+        worker plugin took load time out of them).
+
+        A prefix that no task has finished yet: while no worker holds the
+        context resident nothing can time it, so Dask's own prior
+        (``distributed.scheduler.unknown-task-duration``, 0.5 s by default)
+        stands in: a large backlog then warms several workers side by side
+        instead of one load after another. Once one is resident (the
+        planner gives it the tasks first) its first task is about to give
+        the real figure, so the longest elapsed time of the prefix's tasks
+        running on workers where their context is resident (any context's:
+        see :meth:`_running_seconds`) is used, counted from when it became
+        resident (a task that waited for the load has run longer than it
+        computed): a lower bound that grows while they run, which keeps a
+        warm worker's few short tasks from warming others.
         """
         assert self.scheduler is not None
-        longest, resident = 0.0, False
-        for addr, wc in self.warm.get(plan.name, {}).items():
-            ws = self.scheduler.workers.get(addr)
-            if ws is None or wc.state is not State.RESIDENT:
-                continue  # still loading: elapsed time is load time, not task time
-            resident = True
+        timed = self.__dict__.get("_prefix_seconds", {}).get(prefix.name)
+        if timed is not None and timed[1]:
+            return timed[0] / timed[1]
+        running = self._running_seconds()
+        if prefix in running:
+            return running[prefix]
+        for wc in self.warm.get(plan.name, {}).values():
+            if wc.state is State.RESIDENT:
+                return 0.0  # its first task is about to start there
+        return float(self.scheduler.UNKNOWN_TASK_DURATION)
+
+    def _running_seconds(self) -> dict[Any, float]:
+        """Per prefix, the longest a task has computed so far where its context is resident; once per re-plan.
+
+        Over all contexts, so contexts whose tasks share a prefix (one
+        function, several models) see one figure: otherwise those with a
+        resident worker would see a lower bound and the others Dask's prior,
+        and the others would warm workers the first ones then need.
+        """
+        memo = self.__dict__.get("_running_memo")
+        if memo is not None:
+            return memo
+        assert self.scheduler is not None
+        now = time.monotonic()
+        running: dict[Any, float] = {}
+        for ws in self.scheduler.workers.values():
             for ts, elapsed in ws.executing.items():
-                if ts.prefix is prefix and elapsed > longest:
-                    longest = elapsed
-        return longest if resident else float(self.scheduler.UNKNOWN_TASK_DURATION)
+                wc = self.warm.get(self.task_context.get(ts.key, ""), {}).get(ws.address)
+                if wc is None or wc.state is not State.RESIDENT:
+                    continue  # still loading: elapsed time is load time, not task time
+                seconds = min(elapsed, now - wc.resident_since)
+                if seconds > running.get(ts.prefix, -1.0):
+                    running[ts.prefix] = seconds
+        self.__dict__["_running_memo"] = running
+        return running

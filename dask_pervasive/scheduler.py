@@ -211,6 +211,8 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         if state in WARMING_STATES and wc.state not in WARMING_STATES:
             wc.loading_since = time.monotonic()
             wc.holder_at_start = self._copy_source_alive(name, exclude=worker)
+        elif state is State.RESIDENT and wc.state is not State.RESIDENT:
+            wc.resident_since = time.monotonic()
         wc.state = state
         wc.files = bool(msg.get("files"))
         wc.loads = msg.get("loads", wc.loads)

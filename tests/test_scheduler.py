@@ -99,6 +99,84 @@ async def test_untimed_backlog_warms_workers_side_by_side(c, s, *workers):
     assert await c.gather(futs) == [x + 1 for x in range(40)]
 
 
+TASK_GATE = threading.Event()
+
+
+def blocked_task(x):
+    """Holds the annotated context until the test opens the gate."""
+    value = dp.get_context()["value"]
+    if not TASK_GATE.wait(120):
+        raise TimeoutError("the test never opened the task gate")
+    return value + x
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, timeout=120)
+async def test_a_prefix_dask_stopped_trusting_keeps_the_measured_mean(c, s, *workers):
+    """Dask forgets a prefix's average when a running task takes over twice as long
+    (``TaskPrefix.add_exec_time`` on a heartbeat), which a task waiting for its context's
+    load does: the figure must then be the mean compute time of the finished tasks
+    (load excluded), not the running tasks' lower bound or the 0.5 s prior."""
+    TASK_GATE.clear()
+    plugin = ContextSchedulerPlugin(interval="50ms")
+    await dp.install(c, [SLOW], scheduler=False)
+    await add_plugin(s, plugin)
+    try:
+        with dask.annotate(context="slow"):
+            done = c.map(blocked_task, range(4), pure=False)
+            TASK_GATE.set()  # these run through: their compute times are measured
+            assert await c.gather(done) == [x + 1 for x in range(4)]
+            TASK_GATE.clear()
+            running = c.submit(blocked_task, 10, pure=False)
+        await async_poll_for(lambda: running.key in s.tasks and s.tasks[running.key].state == "processing", timeout=60)
+        ts = s.tasks[running.key]
+        ts.processing_on.executing[ts] = 1000.0  # a heartbeat's figure for a task that waited long
+        ts.prefix.duration_average = -1  # what Dask then does
+        seconds = plugin._untimed_seconds(plugin.plans["slow"], ts.prefix)
+        assert 0.0 < seconds < 0.5  # the finished tasks' mean: nothing of the load or the heartbeat
+    finally:
+        TASK_GATE.set()
+    assert await c.gather(running) == 11
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, timeout=120)
+async def test_running_time_counts_from_residency_for_every_context_of_the_prefix(c, s, *workers):
+    """A task that waited for its context's load has run longer than it computed: the
+    lower bound counts from when the worker became resident. And contexts whose tasks share
+    a prefix see one figure: one without a resident worker does not fall back to the prior."""
+    LOAD_GATE.clear()
+    TASK_GATE.clear()
+    plugin = ContextSchedulerPlugin(interval="50ms")
+    held = dp.Context("held", load=functools.partial(load_sleep, seconds=0.0), device="cpu")
+    await dp.install(c, [held, dp.Context("gated", load=load_gated, device="cpu")], scheduler=False)
+    await add_plugin(s, plugin)
+    try:
+        with dask.annotate(context="held"):
+            running = c.submit(blocked_task, 1, pure=False)
+        with dask.annotate(context="gated"):
+            waiting = c.map(blocked_task, range(4), pure=False)
+        await async_poll_for(
+            lambda: (
+                any(wc.state is State.RESIDENT for wc in plugin.warm.get("held", {}).values())
+                and s.tasks[running.key].state == "processing"
+            ),
+            timeout=60,
+        )
+        ts = s.tasks[running.key]
+        (addr,) = [a for a, wc in plugin.warm["held"].items() if wc.state is State.RESIDENT]
+        ws = s.workers[addr]
+        ws.executing[ts] = 1000.0  # as a heartbeat reports it if the task had waited long for a load
+        views = {v.name: v for v in plugin._context_views(time.monotonic())}
+        since = time.monotonic() - plugin.warm["held"][addr].resident_since
+        assert 0.0 <= views["held"].task_seconds <= since < 1000.0
+        assert not any(wc.state is State.RESIDENT for wc in plugin.warm.get("gated", {}).values())
+        assert views["gated"].task_seconds == views["held"].task_seconds  # not the 0.5 s prior
+    finally:
+        LOAD_GATE.set()
+        TASK_GATE.set()
+    assert await c.gather(running) == 2
+    assert await c.gather(waiting) == [x + 1 for x in range(4)]
+
+
 @gen_cluster(client=True, nthreads=[("", 1)] * 4)
 async def test_few_tasks_wait_for_the_warm_worker(c, s, *workers):
     await few_tasks_wait_for_the_warm_worker(c, s, workers, timed=True)

@@ -128,14 +128,20 @@ def _add_placement(sub: Any) -> None:
     group.add_argument("--scale-load-seconds", type=float, default=scale.LOAD_SECONDS, help="load seconds")
     group.add_argument(
         "--scale-cases",
-        type=_csv(scale.CASES),
+        type=_csv((*scale.CASES, "none")),
         default=list(scale.CASES),
         metavar="NAMES",
-        help=f"comma-separated subset of {', '.join(scale.CASES)} (default: all)",
+        help=f"comma-separated subset of {', '.join(scale.CASES)} (default: all; none: only --scale-grid)",
     )
     group.add_argument("--scale-grid", default="", metavar="W:C,...", help="cost-only runs, e.g. 25:1,200:20")
     group.add_argument(
         "--churn", type=int, default=scale.CHURN, help="workers closed (then as many replaced and added)"
+    )
+    group.add_argument(
+        "--scale-scheduler",
+        choices=("process", "thread"),
+        default="process",
+        help="the scheduler in its own process (default, as deployed) or in this one with the workers",
     )
     parser.set_defaults(func=run_placement)
 
@@ -334,9 +340,10 @@ def _run_scale(args: argparse.Namespace) -> dict[str, Any]:
         tasks=args.scale_tasks,
         task_seconds=args.task_seconds,
         load_seconds=args.scale_load_seconds,
-        cases=args.scale_cases,
+        cases=[c for c in args.scale_cases if c != "none"],
         grid=scale.parse_grid(args.scale_grid),
         churn=args.churn,
+        scheduler_process=args.scale_scheduler == "process",
     )
 
 

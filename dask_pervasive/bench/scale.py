@@ -2,8 +2,10 @@
 
 Run ``python -m dask_pervasive.bench placement --scenario scale`` (options
 ``--workers`` (default 64), ``--contexts``, ``--scale-tasks``, ``--scale-cases``,
-``--scale-grid``). Every case gets a fresh ``LocalCluster(processes=False,
-threads_per_worker=1)`` of ``--workers`` workers; contexts load with a sleep
+``--scale-grid``, ``--scale-scheduler``). Every case gets a fresh cluster:
+``--workers`` one-thread workers in this process and the scheduler in a
+subprocess (``--scale-scheduler thread``: in this process too, as
+``LocalCluster(processes=False)`` would); contexts load with a sleep
 and declare ``nbytes`` (1,000 bytes), tasks sleep ``--task-seconds``; tasks
 are submitted round-robin over the contexts under ``dask.annotate(context=...)``.
 
@@ -11,7 +13,8 @@ Cases (``--scale-cases``, comma-separated):
 
 ``floor``
     Zero-cost loads, no scheduler plugin: what this harness can do at all on
-    this machine. Every makespan ratio divides by ``floor + one load``.
+    this machine. Every makespan ratio divides by ``floor + one load``, the
+    floor being the mean of the runs just before and after the case.
 ``roomy`` / ``roomy-off``
     Budgets with room for every context, plugin on / off (Dask alone).
 ``tight`` / ``tight-off``
@@ -42,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import statistics
 import threading
 import time
@@ -51,7 +55,8 @@ from functools import partial
 from typing import Any
 
 import dask
-from distributed import Client, Future, LocalCluster, get_worker, wait
+from distributed import Client, Future, Scheduler, SpecCluster, Worker, get_worker, wait
+from distributed.deploy.subprocess import SubprocessScheduler
 
 import dask_pervasive as dp
 from dask_pervasive.bench.placement import sleep_load
@@ -224,26 +229,59 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
 
 # -- one case ---------------------------------------------------------------------------
 @contextmanager
-def in_process_cluster(n_workers: int) -> Iterator[tuple[LocalCluster, Client]]:
-    """``n_workers`` one-thread in-process workers and a client, all up.
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    Workers start ``START_BATCH`` at a time, each batch registered before the
-    next starts, and comms get ``CONNECT_TIMEOUT``: with 200 in-process
-    workers on 2 cores, one event loop and one GIL, starting them all at once
-    ran past Dask's 30 s connect timeout.
+
+@contextmanager
+def in_process_cluster(n_workers: int, scheduler_process: bool = True) -> Iterator[tuple[SpecCluster, Client]]:
+    """``n_workers`` one-thread in-process workers, their scheduler, and a client, all up.
+
+    ``scheduler_process`` (the default) runs the scheduler in a subprocess, as
+    every real deployment does: otherwise the scheduler shares its one GIL and
+    heap with every in-process worker, so each garbage collector pass inside a
+    hook walks all the workers' objects too (0.4-0.5 s at 50 workers, far past
+    what the scheduler's own state costs) and every hook waits for worker
+    threads. Workers start ``START_BATCH`` at a time, each batch registered
+    before the next starts, and comms get ``CONNECT_TIMEOUT``: with 200
+    in-process workers on 2 cores, starting them all at once ran past Dask's
+    30 s connect timeout.
     """
+    first = min(n_workers, START_BATCH)
+    host = "127.0.0.1"
+    # No memory limit: in-process workers share one process, and each would compare the whole
+    # process's memory with 1/n of the machine (LocalCluster's split): at 200 workers all paused.
+    worker = {"cls": Worker, "options": {"nthreads": 1, "host": host, "memory_limit": 0}}
+    if scheduler_process:
+        scheduler_kwargs = {"host": host, "port": 0, "dashboard": False}
+        scheduler = {"cls": SubprocessScheduler, "options": {"scheduler_kwargs": scheduler_kwargs}}
+    else:
+        scheduler = {"cls": Scheduler, "options": {"host": host, "port": 0, "dashboard": False}}
+    # The subprocess reads its config from the environment: the same timeout, and quiet logs (its
+    # stderr is a pipe nobody reads while it runs, so it must not fill up).
+    env = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": CONNECT_TIMEOUT, "DASK_LOGGING__DISTRIBUTED": "error"}
     with (
+        _environ(**env),
         dask.config.set({"distributed.comm.timeouts.connect": CONNECT_TIMEOUT}),
-        LocalCluster(
-            n_workers=min(n_workers, START_BATCH),
-            threads_per_worker=1,
-            processes=False,
-            dashboard_address=":0",
+        SpecCluster(
+            workers={i: worker for i in range(first)},
+            scheduler=scheduler,
+            worker=worker,
             silence_logs=logging.CRITICAL,
+            name="scale",
         ) as cluster,
         Client(cluster) as client,
     ):
-        up = min(n_workers, START_BATCH)
+        up = first
         client.wait_for_workers(up)
         while up < n_workers:
             up = min(n_workers, up + START_BATCH)
@@ -273,7 +311,7 @@ def _submit(client: Client, n_tasks: int, n_contexts: int, seconds: float, bulk:
     return futures
 
 
-def _churn(cluster: LocalCluster, client: Client, futures: list[Future], n: int, after: int) -> dict[str, Any]:
+def _churn(cluster: SpecCluster, client: Client, futures: list[Future], n: int, after: int) -> dict[str, Any]:
     """Once ``after`` tasks finished: close ``n`` workers abruptly, start ``n`` replacements and ``n`` more."""
     while sum(f.status == "finished" for f in futures) < after:
         time.sleep(0.01)
@@ -288,13 +326,20 @@ def _churn(cluster: LocalCluster, client: Client, futures: list[Future], n: int,
 
 
 def run_case(
-    case: str, workers: int, contexts: int, tasks: int, task_seconds: float, load_seconds: float, churn: int
+    case: str,
+    workers: int,
+    contexts: int,
+    tasks: int,
+    task_seconds: float,
+    load_seconds: float,
+    churn: int,
+    scheduler_process: bool = True,
 ) -> dict[str, Any]:
     """One case on a fresh cluster: makespan, loads, and the plugin's timings."""
     plugin = not case.endswith(("-off", "floor"))
     load = 0.0 if case.endswith("floor") else load_seconds
     tight = case.startswith("tight")
-    with in_process_cluster(workers) as (cluster, client):
+    with in_process_cluster(workers, scheduler_process) as (cluster, client):
         dp.install(client, _contexts(contexts, load), max_bytes=TIGHT_BYTES if tight else None, scheduler=plugin)
         addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
         with _SLOW_LOCK:
@@ -338,6 +383,11 @@ def parse_grid(text: str | None) -> list[tuple[int, int]]:
     return [(int(w), int(c)) for w, c in (item.split(":") for item in text.split(",") if item)]
 
 
+def floor_of(case: str) -> str:
+    """The floor a case's makespan is divided by."""
+    return "hetero-floor" if case.startswith("hetero") else "floor"
+
+
 def run_scale(
     workers: int = WORKERS,
     contexts: int = CONTEXTS,
@@ -347,8 +397,17 @@ def run_scale(
     cases: tuple[str, ...] | list[str] = CASES,
     grid: list[tuple[int, int]] | None = None,
     churn: int = CHURN,
+    scheduler_process: bool = True,
 ) -> dict[str, Any]:
-    """Every case, then the grid: ``{"cases": {case: result}, "grid": [...], "parameters": ...}``."""
+    """Every case, then the grid: ``{"cases": {case: result}, "grid": [...], "parameters": ...}``.
+
+    A floor named in ``cases`` is run before and after every case divided by
+    it (one run between two such cases serves both), and each case keeps the
+    mean of the two beside it as ``floor_makespan_s``: on a shared machine the
+    floor alone varied 1.8x between runs minutes apart, so a floor measured
+    once decides the ratio more than the case does. The floor's own entry is
+    its first run, with every run's makespan in ``runs_s``.
+    """
     out: dict[str, Any] = {
         "parameters": {
             "workers": workers,
@@ -357,14 +416,48 @@ def run_scale(
             "task_seconds": task_seconds,
             "load_seconds": load_seconds,
             "churn": churn,
+            "scheduler": "subprocess" if scheduler_process else "in-process",
         },
         "cases": {},
         "grid": [],
     }
+
+    def run(case: str) -> dict[str, Any]:
+        result = run_case(case, workers, contexts, tasks, task_seconds, load_seconds, churn, scheduler_process)
+        say(f"  {case}: {result['makespan_s']} s, {result['loads']} loads, {result['timings'] or 'no plugin'}")
+        return result
+
+    def floor(name: str) -> float:
+        result = run(name)
+        if name in out["cases"]:
+            out["cases"][name]["runs_s"].append(result["makespan_s"])
+        else:
+            out["cases"][name] = {**result, "runs_s": [result["makespan_s"]]}
+        return result["makespan_s"]
+
+    last: tuple[str, float] | None = None  # the floor run just before, which the next case shares
     for case in cases:
-        out["cases"][case] = run = run_case(case, workers, contexts, tasks, task_seconds, load_seconds, churn)
-        say(f"  {case}: {run['makespan_s']} s, {run['loads']} loads, {run['timings'] or 'no plugin'}")
+        if case in ("floor", "hetero-floor"):
+            continue
+        name = floor_of(case)
+        bracket = name in cases
+        if bracket:
+            before = last[1] if last and last[0] == name else floor(name)
+        out["cases"][case] = result = run(case)
+        last = None
+        if bracket:
+            after = floor(name)
+            last = (name, after)
+            result["floor_makespan_s"] = round((before + after) / 2, 3)
+            result["floor_runs_s"] = [before, after]
+    for name in ("floor", "hetero-floor"):
+        if name in cases and name not in out["cases"]:
+            floor(name)  # asked for alone
     for w, c in grid or ():
-        out["grid"].append(run := run_case(f"grid-{w}x{c}", w, c, 10 * w, GRID_TASK_SECONDS, load_seconds / 4, churn))
-        say(f"  {run['case']}: {run['makespan_s']} s, {run['loads']} loads, {run['timings']}")
+        out["grid"].append(
+            result := run_case(
+                f"grid-{w}x{c}", w, c, 10 * w, GRID_TASK_SECONDS, load_seconds / 4, churn, scheduler_process
+            )
+        )
+        say(f"  {result['case']}: {result['makespan_s']} s, {result['loads']} loads, {result['timings']}")
     return out
