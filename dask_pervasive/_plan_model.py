@@ -135,17 +135,25 @@ class PlanResult:
 
 
 # -- planning state ----------------------------------------------------------------------------
+_NOTHING: frozenset[str] = frozenset()
+
+
 class _Worker:
+    # Built for every worker at every plan: a few ints and one dict, the rest made when first needed
+    # (each container allocated counts towards the garbage collector's next pass).
     __slots__ = (
         "budget",
-        "ev_bytes",
+        "ev_d",
+        "ev_h",
         "evictable",
         "evicted",
         "free",
-        "idle_bytes",
+        "idle_d",
+        "idle_h",
         "last",
         "limited",
-        "pin_bytes",
+        "pin_d",
+        "pin_h",
         "pinned",
         "rate",
         "version",
@@ -162,13 +170,13 @@ class _Worker:
         self.budget = (view.host_budget or 0, view.device_budget or 0)
         #: contexts in demand it serves or is loading: (host, device) bytes counted against the budget
         self.pinned: dict[str, tuple[int, int]] = {}
-        self.pin_bytes = [0, 0]
-        #: held contexts in demand it does not serve: (bytes, reload seconds)
-        self.evictable: dict[str, tuple[tuple[int, int], float]] = {}
-        self.ev_bytes = [0, 0]
-        self.evicted: set[str] = set()
+        self.pin_h = self.pin_d = 0
+        #: held contexts in demand it does not serve: (bytes, reload seconds); None while there are none
+        self.evictable: dict[str, tuple[tuple[int, int], float]] | None = None
+        self.ev_h = self.ev_d = 0
+        self.evicted: frozenset[str] | set[str] = _NOTHING  #: contexts this plan evicts from it
         #: bytes of resident contexts nobody has tasks for (its LRU evicts them freely, but they stay useful)
-        self.idle_bytes = [0, 0]
+        self.idle_h = self.idle_d = 0
 
     def used(self, size: tuple[int, int] | None) -> tuple[int, int]:
         """Bytes ``size`` counts for (an unknown size takes the whole budget: a worker of its own)."""
@@ -180,43 +188,52 @@ class _Worker:
         )
 
     def pin(self, name: str, size: tuple[int, int] | None) -> None:
-        if name in self.evictable:
+        if self.evictable and name in self.evictable:
             self.unevict(name)
         if name not in self.pinned and self.limited:
             b = self.pinned[name] = self.used(size)
-            self.pin_bytes[0] += b[0]
-            self.pin_bytes[1] += b[1]
+            self.pin_h += b[0]
+            self.pin_d += b[1]
         elif not self.limited:
             self.pinned[name] = (0, 0)
 
     def unpin(self, name: str) -> tuple[int, int] | None:
         b = self.pinned.pop(name, None)
         if b is not None:
-            self.pin_bytes[0] -= b[0]
-            self.pin_bytes[1] -= b[1]
+            self.pin_h -= b[0]
+            self.pin_d -= b[1]
         return b
 
     def evictable_add(self, name: str, used: tuple[int, int], reload: float) -> None:
+        if self.evictable is None:
+            self.evictable = {}
         if name not in self.evictable and name not in self.pinned:
             self.evictable[name] = (used, reload)
-            self.ev_bytes[0] += used[0]
-            self.ev_bytes[1] += used[1]
+            self.ev_h += used[0]
+            self.ev_d += used[1]
 
     def unevict(self, name: str) -> None:
-        e = self.evictable.pop(name, None)
+        e = self.evictable.pop(name, None) if self.evictable else None
         if e is not None:
-            self.ev_bytes[0] -= e[0][0]
-            self.ev_bytes[1] -= e[0][1]
+            self.ev_h -= e[0][0]
+            self.ev_d -= e[0][1]
+
+    def evict(self, name: str) -> None:
+        """This plan evicts ``name`` from the worker (for another context)."""
+        self.unevict(name)
+        if self.evicted is _NOTHING:
+            self.evicted = set()
+        self.evicted.add(name)
 
     def idle_add(self, used: tuple[int, int]) -> None:
-        self.idle_bytes[0] += used[0]
-        self.idle_bytes[1] += used[1]
+        self.idle_h += used[0]
+        self.idle_d += used[1]
 
     def _pinned_with(self, name: str, size: tuple[int, int] | None) -> tuple[int, int]:
         """Bytes pinned once context ``name`` of ``size`` is pinned too (counted once if it already is)."""
         need = self.used(size)
         own = self.pinned.get(name) or (0, 0)
-        return self.pin_bytes[0] + need[0] - own[0], self.pin_bytes[1] + need[1] - own[1]
+        return self.pin_h + need[0] - own[0], self.pin_d + need[1] - own[1]
 
     def spare(self, name: str, size: tuple[int, int] | None) -> bool:
         """Context ``name`` fits beside everything the worker holds: loading it evicts nothing."""
@@ -225,9 +242,7 @@ class _Worker:
         if size is None:
             return False
         h, d = self._pinned_with(name, size)
-        h += self.ev_bytes[0] + self.idle_bytes[0]
-        d += self.ev_bytes[1] + self.idle_bytes[1]
-        return h <= self.budget[0] and d <= self.budget[1]
+        return h + self.ev_h + self.idle_h <= self.budget[0] and d + self.ev_d + self.idle_d <= self.budget[1]
 
     def fit(self, name: str, size: tuple[int, int] | None) -> tuple[float, tuple[str, ...]] | None:
         """``(reload cost, evicted contexts)`` for context ``name`` to fit in the budget; None if it cannot."""
@@ -240,11 +255,11 @@ class _Worker:
         bh, bd = self.budget
         if h > bh or d > bd:
             return None
-        h_all, d_all = h + self.ev_bytes[0], d + self.ev_bytes[1]
+        h_all, d_all = h + self.ev_h, d + self.ev_d
         if h_all <= bh and d_all <= bd:
             return 0.0, ()
         cost, evicts = 0.0, []
-        for n, (b, reload) in sorted(self.evictable.items(), key=lambda e: (e[1][1], e[0])):
+        for n, (b, reload) in sorted((self.evictable or {}).items(), key=lambda e: (e[1][1], e[0])):
             if h_all <= bh and d_all <= bd:
                 break
             h_all -= b[0]

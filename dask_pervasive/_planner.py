@@ -63,6 +63,7 @@ import math
 from bisect import insort
 from collections.abc import Iterable
 
+from ._plan_costs import LoadCosts
 from ._plan_model import (
     _ABSENT,
     _EPS,
@@ -92,7 +93,7 @@ __all__ = [
 ]
 
 
-class Planner:
+class Planner(LoadCosts):
     """Plans affinity sets for all contexts at once; keeps the hysteresis memory between plans.
 
     Parameters
@@ -330,50 +331,6 @@ class Planner:
             heapq.heappush(grow, (-c.finish, name))
         return additions, steps
 
-    # -- costs ----------------------------------------------------------------------------------
-    @staticmethod
-    def _holding(w: _Worker, c: _Context) -> Holding:
-        return w.view.contexts.get(c.view.name, _ABSENT)
-
-    def _cold_load(self, w: _Worker, c: _Context) -> float:
-        """Seconds a load of ``c`` takes on ``w`` by the context's figures: from a peer when it can copy
-        from one, else from the origin (``default_load_seconds`` before any load), times its load factor."""
-        v = c.view
-        if v.peer_load_seconds is not None and w.view.peers:
-            return v.peer_load_seconds * w.view.load_factor
-        base = v.load_seconds if v.load_seconds is not None else self.settings.default_load_seconds
-        return base * w.view.load_factor
-
-    def _full_load(self, w: _Worker, c: _Context, h: Holding) -> float:
-        if h.load_seconds is None:
-            return self._cold_load(w, c)
-        if c.view.peer_load_seconds is not None and w.view.peers:
-            return min(h.load_seconds, self._cold_load(w, c))  # its own loads may have read the origin
-        return h.load_seconds
-
-    def _load_cost(self, w: _Worker, c: _Context, h: Holding) -> float:
-        """Seconds ``w`` still needs before it can run tasks of ``c``."""
-        full = self._full_load(w, c, h)
-        if c.view.name in w.evicted:
-            return full
-        if h.state == _RESIDENT:
-            return 0.0
-        if h.state in _WARMING:
-            return max(0.0, full - h.loading_for)
-        if h.files:
-            if c.view.setup_seconds is not None:
-                return min(full, c.view.setup_seconds * w.view.load_factor)
-            return max(0.0, full - (c.view.fetch_seconds or 0.0) * w.view.load_factor)
-        return full
-
-    @staticmethod
-    def _size(c: _Context, h: Holding) -> tuple[int, int] | None:
-        if c.view.size is not None:
-            return c.view.size
-        if h.host_bytes is not None or h.device_bytes is not None:
-            return (h.host_bytes or 0, h.device_bytes or 0)
-        return None
-
     def _evaluate(self, c: _Context, w: _Worker, plan_no: int):
         """``(finish, rate after, ready, overhead, cold, evicts)`` with ``w`` in ``c``'s set; None if it may not join."""
         name = c.view.name
@@ -450,8 +407,7 @@ class Planner:
             heapq.heappush(heap, (w.free, w.view.load_factor, addr, w.version))
         w.pin(name, self._size(c, self._holding(w, c)))
         for e in evicts:
-            w.unevict(e)
-            w.evicted.add(e)
+            w.evict(e)
         c.added.append(Addition(addr, cold, reason, evicts))
         if cold and self.settings.prewarm and len(c.members) > 1:
             prewarm.append((addr, name))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 import time
 import weakref
 from collections import deque
@@ -171,11 +172,17 @@ routes: list[tuple] = [(PAGE_PATH, PervasivePage, {}), (f"{PAGE_PATH}/{DATA_PATH
 
 
 def _add_to_dashboard_menu(scheduler: Scheduler) -> bool:
-    """List the page in the Bokeh dashboard's "More..." menu; ``False`` without Bokeh."""
-    try:
-        from distributed.dashboard.scheduler import template_variables
-    except ImportError:  # no bokeh: there is no dashboard menu
+    """List the page in the Bokeh dashboard's "More..." menu; ``False`` without one.
+
+    A scheduler that serves the Bokeh dashboard has imported its module; one
+    without (``dashboard=False``, no bokeh) has no menu, and importing Bokeh
+    just for it would double that scheduler's heap (every full pass of the
+    garbage collector walks it, inside whichever hook triggers it).
+    """
+    module = sys.modules.get("distributed.dashboard.scheduler")
+    if module is None:
         return False
+    template_variables = module.template_variables
     # Memoized per scheduler: the very dict every dashboard page renders its menu from.
     plots = template_variables(scheduler)["plots"]
     if not any(p["url"] == PAGE_PATH for p in plots):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import dask
@@ -13,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 import dask_pervasive as dp
 from dask_pervasive._protocol import HEARTBEAT_KEY
-from dask_pervasive.dashboard import add_dashboard_page, render_page
+from dask_pervasive.dashboard import _add_to_dashboard_menu, add_dashboard_page, render_page
 from dask_pervasive.metrics import register_metrics, unregister_metrics
 from dask_pervasive.scheduler import ContextSchedulerPlugin
 from dask_pervasive.worker import worker_heartbeat_metrics
@@ -131,6 +132,17 @@ async def test_dashboard_page(c, s, a, b):
     page = await get_page(s)
     assert page.count('<td class="resident">') == 2
     assert "Contexts" in page and "<td>v</td>" in page
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_no_bokeh_dashboard_no_menu_and_no_bokeh_import(c, s, monkeypatch):
+    """A scheduler without the Bokeh dashboard gets the page but no menu entry, and Bokeh is
+    not imported for it (it would double the scheduler's heap, which every gc pass walks)."""
+    monkeypatch.delitem(sys.modules, "distributed.dashboard.scheduler", raising=False)
+    assert _add_to_dashboard_menu(s) is False
+    assert "distributed.dashboard.scheduler" not in sys.modules
+    assert add_dashboard_page(s) == "/pervasive"
+    assert "dask_pervasive" in await get_page(s)
 
 
 @gen_cluster(
