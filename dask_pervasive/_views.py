@@ -10,7 +10,9 @@ load factor, from finished tasks and loads; the records are in
 
 Cost per plan: ``O(C)`` context views (task time from a sample of at most
 ``_SAMPLE`` pending tasks, not all of them; whether a complete copy of a
-context's files is alive stops at the first holder found), and ``O(W)`` worker
+context's files is alive stops at the first holder found; while a prefix has
+no duration yet, one ``O(W × threads)`` pass over the running tasks serves every
+context), and ``O(W)`` worker
 views of which only those whose state or queue changed since the last plan (or
 with a load running or a recent failure, whose numbers age) are rebuilt, each
 in ``O(h + q)`` (contexts it holds, contexts it has tasks of: the queue counts

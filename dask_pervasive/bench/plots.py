@@ -134,18 +134,20 @@ def save_scale(result: dict[str, Any], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dask_pervasive.bench.targets import over_floor
+
     cases = result["cases"]
-    load = result["parameters"]["load_seconds"]
-    floor = cases.get("floor", {}).get("makespan_s")
     names = [n for n in cases if not n.endswith("floor")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].bar(names, [cases[n]["loads_per_worker"] for n in names], color="tab:blue")
     axes[0].axhline(1.0, linestyle=":", color="green")
     axes[0].set_title("loads per worker")
-    if floor:
-        axes[1].bar(names, [cases[n]["makespan_s"] / (floor + load) for n in names], color="tab:orange")
+    ratios = {n: over_floor(result, n) for n in names}
+    measured = [n for n in names if ratios[n] is not None]
+    if measured:
+        axes[1].bar(measured, [ratios[n] for n in measured], color="tab:orange")
         axes[1].axhline(1.0, linestyle=":", color="green")
-    axes[1].set_title("makespan / (floor + one load)")
+    axes[1].set_title("makespan / (its floor + one load)")
     runs = [r for r in [*cases.values(), *result["grid"]] if r.get("timings") and r["timings"].get("replans")]
     labels = [f"{r['workers']}x{r['contexts']} {r['case']}" for r in runs]
     for key, colour in (("replan_p50_ms", "tab:blue"), ("replan_p99_ms", "tab:orange"), ("hook_max_ms", "tab:red")):

@@ -53,6 +53,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
+from unittest import mock
 
 import dask
 from distributed import Client, Future, Scheduler, SpecCluster, Worker, get_worker, wait
@@ -61,6 +62,7 @@ from distributed.deploy.subprocess import SubprocessScheduler
 import dask_pervasive as dp
 from dask_pervasive.bench.placement import sleep_load
 from dask_pervasive.bench.report import say
+from dask_pervasive.bench.targets import floor_of
 
 WORKERS = 64
 CONTEXTS = 4
@@ -229,20 +231,6 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
 
 # -- one case ---------------------------------------------------------------------------
 @contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextmanager
 def in_process_cluster(n_workers: int, scheduler_process: bool = True) -> Iterator[tuple[SpecCluster, Client]]:
     """``n_workers`` one-thread in-process workers, their scheduler, and a client, all up.
 
@@ -270,7 +258,7 @@ def in_process_cluster(n_workers: int, scheduler_process: bool = True) -> Iterat
     # stderr is a pipe nobody reads while it runs, so it must not fill up).
     env = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": CONNECT_TIMEOUT, "DASK_LOGGING__DISTRIBUTED": "error"}
     with (
-        _environ(**env),
+        mock.patch.dict(os.environ, env),
         dask.config.set({"distributed.comm.timeouts.connect": CONNECT_TIMEOUT}),
         SpecCluster(
             workers={i: worker for i in range(first)},
@@ -381,11 +369,6 @@ def parse_grid(text: str | None) -> list[tuple[int, int]]:
     if not text:
         return []
     return [(int(w), int(c)) for w, c in (item.split(":") for item in text.split(",") if item)]
-
-
-def floor_of(case: str) -> str:
-    """The floor a case's makespan is divided by."""
-    return "hetero-floor" if case.startswith("hetero") else "floor"
 
 
 def run_scale(

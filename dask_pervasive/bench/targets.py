@@ -393,16 +393,21 @@ def _case(r: dict[str, Any], case: str) -> dict[str, Any] | None:
     return r["cases"].get(case)
 
 
-def _floor(r: dict[str, Any], case: str, name: str = "floor") -> float | None:
+def floor_of(case: str) -> str:
+    """The floor case a scale case's makespan is divided by."""
+    return "hetero-floor" if case.startswith("hetero") else "floor"
+
+
+def _floor(r: dict[str, Any], case: str) -> float | None:
     """The floor ``case`` is divided by: the mean of the runs beside it, else the floor's only run."""
-    run, floor = _case(r, case), _case(r, name)
+    run, floor = _case(r, case), _case(r, floor_of(case))
     if run is not None and "floor_makespan_s" in run:
         return run["floor_makespan_s"]
     return None if floor is None else floor["makespan_s"]
 
 
-def _over_floor(r: dict[str, Any], case: str) -> float | None:
-    """Makespan of ``case`` / (floor makespan + one load)."""
+def over_floor(r: dict[str, Any], case: str) -> float | None:
+    """Makespan of ``case`` / (its floor's makespan + one load); None when its floor did not run."""
     run, floor = _case(r, case), _floor(r, case)
     if run is None or floor is None:
         return None
@@ -429,13 +434,13 @@ def check_scale(r: dict[str, Any]) -> list[dict[str, Any]]:
                 _le(lpw, loads_bound),
             )
         )
-        ratio = _over_floor(r, budget)
+        ratio = over_floor(r, budget)
         rows.append(
             compare(
                 tag,
                 f"{budget}: makespan / (floor + one load)",
                 ratio,
-                off and _over_floor(r, f"{budget}-off"),
+                off and over_floor(r, f"{budget}-off"),
                 "<= 1.1",
                 _le(ratio, 1.1),
             )
@@ -444,8 +449,8 @@ def check_scale(r: dict[str, Any]) -> list[dict[str, Any]]:
         run = _case(r, case)
         if run is not None:
             rows.append(check(tag, f"{case}: loads per worker", run["loads_per_worker"], "", None))
-            rows.append(check(tag, f"{case}: makespan / (floor + one load)", _over_floor(r, case), "", None))
-    hetero, hfloor = _case(r, "hetero"), _floor(r, "hetero", "hetero-floor")
+            rows.append(check(tag, f"{case}: makespan / (floor + one load)", over_floor(r, case), "", None))
+    hetero, hfloor = _case(r, "hetero"), _floor(r, "hetero")
     if hetero is not None and hfloor is not None:
         n, slow = hetero["workers"], hetero["slow_workers"]
         rate = (n - slow) + slow / 2.0  # a 2x slower worker does half the work
