@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import time
 
 import dask
 import pytest
-from distributed.utils_test import fetch_metrics, gen_cluster
+from distributed.utils_test import async_poll_for, fetch_metrics, gen_cluster
 from plugin_helpers import add_plugin
 from tornado.httpclient import AsyncHTTPClient
 
@@ -34,13 +32,6 @@ async def start_plugin(s) -> ContextSchedulerPlugin:
     return await add_plugin(s, ContextSchedulerPlugin())
 
 
-async def until(predicate, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 def samples(families: dict) -> dict[tuple, float]:
     """``{(sample name, (label, value), ...): value}`` of scraped families."""
     return {(s.name, *sorted(s.labels.items())): s.value for family in families.values() for s in family.samples}
@@ -51,7 +42,7 @@ async def warm_both(c, s, plugin, a, b) -> None:
     for w in (a, b):
         assert await c.submit(add_value, 0, workers=[w.address], pure=False) == 10
     assert await c.gather(c.map(add_value, range(20))) == list(range(10, 30))
-    await until(lambda: len(plugin.where()["v"]["resident"]) == 2 and a.address in plugin.budgets)
+    await async_poll_for(lambda: len(plugin.where()["v"]["resident"]) == 2 and a.address in plugin.budgets, timeout=10)
 
 
 @gen_cluster(client=True, nthreads=[("", 2)] * 2)
@@ -99,7 +90,7 @@ async def test_metrics_follow_the_latest_scheduler_plugin(c, s, a):
         await dp.install(c, [VALUE], scheduler=False)
         with dask.annotate(context="v"):
             assert await c.submit(lambda x: dp.get_context()["value"] + x, 1) == 11
-        await until(lambda: plugin.where()["v"]["resident"] == [a.address])
+        await async_poll_for(lambda: plugin.where()["v"]["resident"] == [a.address], timeout=10)
         found = samples(await fetch_metrics(s.http_server.port, "dask_pervasive_"))
         assert found[("dask_pervasive_workers", ("context", "v"), ("state", "resident"))] == 1
     finally:

@@ -20,7 +20,7 @@ import dask.config
 import pytest
 import yaml
 from distributed import Client, Worker
-from distributed.utils_test import gen_cluster
+from distributed.utils_test import async_poll_for, gen_cluster
 from preload_contexts import ANSWER, CONFIG_ENTRIES, add_answer, pid_of_answer, use_answer
 
 import dask_pervasive as dp
@@ -126,7 +126,7 @@ async def test_preload_in_process(c, s):
     async with Worker(s.address, nthreads=2, preload=list(PRELOAD), preload_argv=list(OPTION)) as w:
         assert w.plugins["pervasive"].cache.entries.keys() == {"answer"}
         # the budget event sent from setup() was dropped (not registered yet): re-announced after registration
-        await _until(lambda: w.address in plugin.budgets)
+        await async_poll_for(lambda: w.address in plugin.budgets, timeout=10)
         assert await c.submit(use_answer, 1) == 43
         assert await c.gather(c.map(add_answer, range(5))) == [42, 43, 44, 45, 46]
         assert (await dp.where(c))["answer"]["resident"] == [w.address]
@@ -140,15 +140,8 @@ async def test_preload_when_scheduler_has_the_worker_plugin(c, s):
     await dp.install(c)  # cluster-wide ContextWorkerPlugin without contexts
     with dask.config.set({"pervasive.contexts": CONFIG_ENTRIES}):
         async with Worker(s.address, nthreads=1, preload=list(PRELOAD)) as w:
-            await _until(lambda: "answer" in w.plugins["pervasive"].cache.entries)
+            await async_poll_for(lambda: "answer" in w.plugins["pervasive"].cache.entries, timeout=10)
             assert await c.submit(pid_of_answer, 1) == os.getpid()
-
-
-async def _until(predicate, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def test_dask_setup_rejects_other_servers():

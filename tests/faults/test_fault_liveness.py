@@ -9,7 +9,7 @@ import dask
 import numpy as np
 import pytest
 from distributed import Worker
-from distributed.utils_test import gen_cluster
+from distributed.utils_test import async_poll_for, gen_cluster
 
 import dask_pervasive as dp
 from dask_pervasive._protocol import EVENT_TOPIC
@@ -70,16 +70,6 @@ def broken_cuda(*args, **kwargs):
     raise OSError("libcudart.so.12: cannot open shared object file: No such file or directory")
 
 
-async def until(predicate, timeout=10.0):
-    """Wait for ``predicate()`` (a condition, not a margin); fail the test after ``timeout``."""
-
-    async def poll():
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 @gen_cluster(client=True, nthreads=[("", 2)])
 async def test_broken_cuda_runtime_fails_load_and_later_tasks_fast(c, s, a, monkeypatch):
     """Item 8: `import torch`/CUDA probing raising OSError ends in `failed` with ContextLoadError."""
@@ -96,8 +86,9 @@ async def test_broken_cuda_runtime_fails_load_and_later_tasks_fast(c, s, a, monk
     (row,) = [r for r in await dp.stats(c) if r["context"] == "gpu"]
     assert row["state"] == "failed" and row["failures"] == 1
     # The scheduler heard of it.
-    await until(
-        lambda: any(m.get("context") == "gpu" and m.get("state") == "failed" for _, m in s.get_events(EVENT_TOPIC))
+    await async_poll_for(
+        lambda: any(m.get("context") == "gpu" and m.get("state") == "failed" for _, m in s.get_events(EVENT_TOPIC)),
+        timeout=10.0,
     )
 
 
@@ -108,12 +99,14 @@ async def test_cancelling_a_task_while_its_context_loads_releases_the_pin(c, s, 
     LOADING.clear()
     await dp.install(c, [dp.Context("slowload", load=load_gated, device="cpu")], scheduler=False)
     fut = c.submit(dp.get_context, "slowload", key="pinned-task")
-    await until(LOADING.is_set)
+    await async_poll_for(LOADING.is_set, timeout=10.0)
     await fut.cancel()
     # The worker keeps the task "cancelled" while its thread loads.
-    await until(lambda: getattr(a.state.tasks.get("pinned-task"), "state", None) == "cancelled")
+    await async_poll_for(lambda: getattr(a.state.tasks.get("pinned-task"), "state", None) == "cancelled", timeout=10.0)
     GATE.set()
-    await until(lambda: "pinned-task" not in a.state.tasks or a.state.tasks["pinned-task"].state == "released")
+    await async_poll_for(
+        lambda: "pinned-task" not in a.state.tasks or a.state.tasks["pinned-task"].state == "released", timeout=10.0
+    )
     (row,) = [r for r in await dp.stats(c) if r["context"] == "slowload"]
     assert row["state"] == "resident" and row["users"] == 0
     assert await dp.evict(c, "slowload") == {a.address: "evicted"}
@@ -145,7 +138,7 @@ async def test_install_on_preloaded_workers_keeps_contexts_in_use(c, s):
     with dask.config.set({"pervasive.contexts": [entry]}):
         async with Worker(s.address, nthreads=2, preload=["dask_pervasive.preload"]) as w:
             fut = c.submit(hold_held, 1, workers=[w.address])
-            await until(HELD.is_set)
+            await async_poll_for(HELD.is_set, timeout=10.0)
             await dp.install(c, [dp.Context("extra", load=load_value, device="cpu")], max_bytes="1GiB", scheduler=False)
             RELEASE.set()
             assert await fut is False  # not torn down under the running task
@@ -166,7 +159,7 @@ async def test_prewarm_tolerates_a_worker_leaving_mid_call(c, s, a, b):
     await dp.install(c, [dp.Context("slowload", load=load_gated, device="cpu")], scheduler=False)
     call = asyncio.ensure_future(dp.prewarm(c, "slowload", workers=[a.address, b.address], progress=False))
     leaving = b.plugins["pervasive"].cache.entries["slowload"]
-    await until(lambda: leaving.state.value == "loading")
+    await async_poll_for(lambda: leaving.state.value == "loading", timeout=10.0)
     await b.close()
     GATE.set()
     warm = await asyncio.wait_for(call, 30)
@@ -198,7 +191,7 @@ async def test_tasks_go_only_to_workers_that_can_hold_the_context(c, s):
         # workers): only knowing the size keeps the tasks off the idle small ones.
         GATE.clear()
         blocker = c.submit(wait_for_gate, workers=[big.address], pure=False)
-        await until(lambda: s.workers[big.address].occupancy > 0)
+        await async_poll_for(lambda: s.workers[big.address].occupancy > 0, timeout=10.0)
         try:
             futures = c.map(use_big, range(40))
             assert await c.gather(futures) == [x + 1 for x in range(40)]
@@ -245,7 +238,7 @@ async def test_queued_tasks_leave_a_worker_found_too_small_after_they_were_sent(
         blocker = c.submit(wait_for_gate, workers=[small.address], pure=False)
         try:
             futures = c.map(use_grows, range(10))
-            await until(lambda: all(_processing_on(s, f.key) == small.address for f in futures))
+            await async_poll_for(lambda: all(_processing_on(s, f.key) == small.address for f in futures), timeout=10.0)
             async with Worker(s.address, nthreads=2, memory_limit="4GB") as big:
                 await dp.prewarm(c, "grows", workers=[big.address], progress=False)
                 # the small worker is still blocked: these can only finish on the big one

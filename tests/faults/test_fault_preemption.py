@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-import time
 
 import dask
 import pytest
 from distributed import Client, LocalCluster
-from distributed.utils_test import gen_cluster, slowinc
+from distributed.utils_test import async_poll_for, gen_cluster, slowinc
 from loaders import load_sleep, work
 from plugin_helpers import add_plugin
 from preemption_tools import (
@@ -122,14 +121,6 @@ SLOW = dp.Context("slow", load=functools.partial(load_sleep, seconds=0.5), devic
 slow_task = dp.uses_context("slow")(work)
 
 
-async def _until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s")
-        await asyncio.sleep(0.01)
-
-
 def _restrictions(s, futures) -> list[set]:
     return [
         set(s.tasks[f.key].worker_restrictions or ())
@@ -144,11 +135,11 @@ async def test_member_evicting_its_context_stops_getting_tasks_at_once(c, s, a, 
     await dp.install(c, [SLOW], scheduler=False)
     await dp.prewarm(c, "slow", progress=False)
     futures = c.map(slow_task, range(200), seconds=0.05)  # ~5 s of work
-    await _until(lambda: plugin.plans["slow"].members == {a.address, b.address})
+    await async_poll_for(lambda: plugin.plans["slow"].members == {a.address, b.address}, timeout=10.0)
     # b's cache evicts the context under memory pressure and says so
     b.log_event(EVENT_TOPIC, {"action": "context-state", "context": "slow", "state": "evicted", "loads": 1})
-    await _until(lambda: plugin.warm["slow"][b.address].state == "evicted")
-    await _until(lambda: set(map(frozenset, _restrictions(s, futures))) == {frozenset({a.address})}, timeout=1)
+    await async_poll_for(lambda: plugin.warm["slow"][b.address].state == "evicted", timeout=10.0)
+    await async_poll_for(lambda: set(map(frozenset, _restrictions(s, futures))) == {frozenset({a.address})}, timeout=1)
     assert plugin.plans["slow"].members == {a.address}
     assert await c.gather(futures) == [x + 1 for x in range(200)]
 
@@ -160,10 +151,10 @@ async def test_worker_turning_warm_joins_the_set_without_waiting_for_a_tick(c, s
     await dp.prewarm(c, "slow", workers=[a.address], progress=False)
     plugin.plans["slow"].load_seconds = 100.0  # warming b for this backlog is never worth it
     futures = c.map(slow_task, range(150), seconds=0.05)  # ~7 s of work on a alone
-    await _until(lambda: sum(f.done() for f in futures) >= 3)
+    await async_poll_for(lambda: sum(f.done() for f in futures) >= 3, timeout=10.0)
     assert plugin.plans["slow"].members == {a.address}
     await dp.prewarm(c, "slow", workers=[b.address], progress=False)  # b gets it anyway (another job)
-    await _until(lambda: b.address in plugin.plans["slow"].members, timeout=2)
+    await async_poll_for(lambda: b.address in plugin.plans["slow"].members, timeout=2)
     await c.gather(futures)
     assert b.address in {next(iter(s.tasks[f.key].who_has)).address for f in futures}
 
@@ -175,7 +166,7 @@ async def test_submit_restricts_only_new_tasks_when_sets_are_unchanged(c, s, a, 
     await dp.prewarm(c, "slow", workers=[a.address], progress=False)
     plugin.plans["slow"].load_seconds = 100.0
     old = c.map(slow_task, range(30), seconds=0.1)
-    await _until(lambda: sum(f.done() for f in old) >= 1)
+    await async_poll_for(lambda: sum(f.done() for f in old) >= 1, timeout=10.0)
     assert plugin.plans["slow"].members == {a.address}
     applied: list[int] = []
     apply = plugin._apply
@@ -186,7 +177,7 @@ async def test_submit_restricts_only_new_tasks_when_sets_are_unchanged(c, s, a, 
 
     plugin._apply = spy
     new = c.map(slow_task, range(100, 102), seconds=0.1)
-    await _until(lambda: all(f.key in plugin.task_context for f in new))
+    await async_poll_for(lambda: all(f.key in plugin.task_context for f in new), timeout=10.0)
     assert applied == [2]  # O(new tasks), not O(pending)
     assert all(r == {a.address} for r in _restrictions(s, new))
     await c.gather(old + new)
@@ -198,7 +189,7 @@ async def test_context_task_left_without_a_valid_worker_is_revived(c, s, a, b):
     await dp.install(c, [SLOW], scheduler=False)
     gate = c.submit(slowinc, 1, delay=0.5)
     futures = [c.submit(slow_task, gate, pure=False) for _ in range(3)]
-    await _until(lambda: all(f.key in plugin.task_context for f in futures))
+    await async_poll_for(lambda: all(f.key in plugin.task_context for f in futures), timeout=10.0)
     # Something (a restriction applied before a worker left, say) points one task at nowhere.
     s.tasks[futures[0].key].worker_restrictions = {"tcp://127.0.0.1:1"}
     assert await asyncio.wait_for(c.gather(futures), 15) == [3, 3, 3]
