@@ -140,7 +140,7 @@ class PlannerInputs:
             total = totals[ts.prefix.name] = [0.0, 0]
         total[0] += compute
         total[1] += 1
-        average = total[0] / total[1]
+        average = self._measured_seconds(ts.prefix.name)
         r = self.rates.setdefault(worker, WorkerRates())
         r.speed = ewma(r.speed if r.tasks else None, min(max(compute / average, 0.1), 10.0), _SPEED_EWMA)
         r.tasks += 1
@@ -338,9 +338,9 @@ class PlannerInputs:
         warm worker's few short tasks from warming others.
         """
         assert self.scheduler is not None
-        timed = self.__dict__.get("_prefix_seconds", {}).get(prefix.name)
-        if timed is not None and timed[1]:
-            return timed[0] / timed[1]
+        measured = self._measured_seconds(prefix.name)
+        if measured is not None:
+            return measured
         running = self._running_seconds()
         if prefix in running:
             return running[prefix]
@@ -348,6 +348,11 @@ class PlannerInputs:
             if wc.state is State.RESIDENT:
                 return 0.0  # its first task is about to start there
         return float(self.scheduler.UNKNOWN_TASK_DURATION)
+
+    def _measured_seconds(self, prefix_name: str) -> float | None:
+        """Mean compute seconds of the prefix's finished tasks (load time excluded); None before one."""
+        total = self.__dict__.get("_prefix_seconds", {}).get(prefix_name)
+        return total[0] / total[1] if total and total[1] else None
 
     def _running_seconds(self) -> dict[Any, float]:
         """Per prefix, the longest a task has computed so far where its context is resident; once per re-plan.
