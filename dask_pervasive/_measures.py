@@ -13,6 +13,8 @@ that holds a complete copy (see :meth:`ContextPlan.observe_load`).
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from ._protocol import State
@@ -77,18 +79,44 @@ class ContextPlan:
 
     name: str
     members: set[str] = field(default_factory=set)  #: the affinity set
-    pending: set = field(default_factory=set)  #: keys of unfinished tasks
+    #: keys of unfinished tasks -> their Dask ``TaskPrefix`` (see :meth:`add_pending`)
+    pending: dict = field(default_factory=dict)
+    #: prefix -> how many of ``pending`` have it: the task time is one lookup per prefix, not per task
+    pending_prefixes: dict = field(default_factory=dict)
     load_seconds: float | None = None  #: EWMA of fetch + load, every load
     fetch_seconds: float | None = None  #: EWMA of the fetch part, every load
     setup_seconds: float | None = None  #: EWMA of the part after the fetch
     origin_fetch_seconds: float | None = None  #: EWMA of fetches that read only the origin
     peer_fetch_seconds: float | None = None  #: EWMA of copies from peers holding a complete copy
     size: tuple[int, int] | None = None  #: (host, device) bytes, once measured
+    demand_since: float | None = None  #: monotonic time its backlog began (a task arrived with none and no set)
+    #: the ``size`` its members were last checked against their budgets at (None: check at the next plan)
+    fit_checked: tuple[int, int] | None = None
     warm_placements: int = 0  #: workers added to the set that already held the context
     cold_placements: int = 0  #: workers added that had to load it
     drained_at: float | None = None  #: monotonic time its backlog last drained (its set is kept a while)
     timed: bool = False  #: one of its tasks finished: Dask knows a duration (re-plan then: sets may grow)
     last_used: float = -math.inf  #: monotonic time of its last task submitted or finished, or load
+
+    def add_pending(self, key: Hashable, prefix: Hashable) -> None:
+        """``key`` (of Dask task prefix ``prefix``) is unfinished; a key already pending is counted once."""
+        if key in self.pending:
+            return
+        if not self.pending and not self.members:
+            self.demand_since = time.monotonic()  # a new backlog (see PlannerSettings.settle_seconds)
+        self.pending[key] = prefix
+        self.pending_prefixes[prefix] = self.pending_prefixes.get(prefix, 0) + 1
+
+    def discard_pending(self, key: Hashable) -> None:
+        """``key`` finished, erred or was forgotten (nothing if it was not pending)."""
+        if key not in self.pending:
+            return
+        prefix = self.pending.pop(key)
+        left = self.pending_prefixes[prefix] - 1
+        if left:
+            self.pending_prefixes[prefix] = left
+        else:
+            del self.pending_prefixes[prefix]
 
     def observe_load(self, seconds: float, fetch_seconds: float = 0.0, source: str | None = CACHED) -> None:
         """One load took ``seconds``, of which ``fetch_seconds`` getting the files from ``source``

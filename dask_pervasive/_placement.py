@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._measures import ContextPlan
@@ -79,12 +79,13 @@ class PlacementPlanner(PlannerInputs):
     ``scheduler`` (declared by :class:`~dask_pervasive._views.PlannerInputs`); the plugin calls :meth:`replan`, :meth:`_touch_worker` when
     a worker reports, :meth:`_observe_finished` when a context task finishes,
     :meth:`_forget_worker` when one leaves, and provides
-    ``_prewarm_soon(addr, name)``.
+    ``_prewarm_soon(addr, name)`` and ``_replan_after(seconds)``.
     """
 
     _stale: set[str]
     _fresh: dict[str, set]
     _last_replan: float
+    _replan_after: Callable[[float], None]  #: the plugin's: re-plan in that many seconds (once)
 
     # -- per-worker measurements ------------------------------------------------------
     @property
@@ -153,6 +154,9 @@ class PlacementPlanner(PlannerInputs):
         now = self._last_replan = time.monotonic()
         too_small: dict[str, set[str]] = {}
         for plan in self.plans.values():
+            if plan.size is None or plan.size == plan.fit_checked:
+                continue  # members joined knowing this size (the planner checks budgets), none changed since
+            plan.fit_checked = plan.size
             unfit = {a for a in plan.members if self._cannot_hold(plan, a)}
             if unfit:  # its size became known (declared or measured) after it joined
                 plan.members -= unfit
@@ -175,6 +179,8 @@ class PlacementPlanner(PlannerInputs):
         if self.settings.prewarm:
             for addr, name in result.prewarm:
                 self._prewarm_soon(addr, name)
+        if result.settles_in is not None:  # a new backlog may grow then (see Planner._held_back)
+            self._replan_after(result.settles_in)
         self._stale.clear()
         self._fresh.clear()
         for name, unfit in too_small.items():  # after the new restrictions are in place

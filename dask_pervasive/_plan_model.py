@@ -71,6 +71,8 @@ class ContextView:
     setup_seconds: float | None = None  #: the part after the fetch (what a worker with the files cached pays)
     #: a cold load copying from a peer; None while no worker holds a complete copy (or none was timed)
     peer_load_seconds: float | None = None
+    #: seconds since its backlog began (its first task with no set); cold growth waits for a burst to settle
+    demand_seconds: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class PlannerSettings:
     shrink_margin: float = 0.5  #: how over-provisioned a set must be before it shrinks
     shrink_plans: int = 3  #: ... for this many consecutive plans
     shrink_delay: float = 1.0  #: ... and this many seconds
+    #: seconds a new backlog waits before its set grows cold (see the planner's module docstring)
+    settle_seconds: float = 0.25
 
     @classmethod
     def from_scheduler(cls, settings: SchedulerSettings, **overrides) -> PlannerSettings:
@@ -132,6 +136,8 @@ class PlanResult:
     contexts: dict[str, ContextDecision]
     prewarm: tuple[tuple[str, str], ...] = ()  #: ``(worker, context)`` loads to start now
     steps: int = 0  #: greedy steps taken (for the overhead metrics)
+    #: seconds until a context held back by ``settle_seconds`` may grow (re-plan then); None: none is
+    settles_in: float | None = None
 
 
 # -- planning state ----------------------------------------------------------------------------

@@ -31,6 +31,16 @@ chooses first, one context cannot take the workers another one needs. A
 context with ``pending <= prewarm_backlog * members`` (or no more pending
 tasks than members) does not grow; a warm idle worker joins for free.
 
+New backlogs settle before sets grow cold: every context in demand gets its
+first worker at once (its tasks are restricted in the same plan), but while
+any backlog is younger than ``settle_seconds`` (its first task arrived with
+no set), contexts whose own backlog is younger than ``_SETTLE_CAP`` times
+that take only warm workers, and the plan says when to look again
+(:attr:`PlanResult.settles_in`). Several ``client.map`` calls, one per
+context, arrive over a fraction of a second; planned one at a time, the first
+map's context took every idle worker (each backlog alone paid for every cold
+load) and each worker then loaded every context in turn.
+
 Sets shrink with hysteresis: a member is surplus when it contributes nothing
 (ready after ``T``), or when the set without it still has
 ``(1 + shrink_margin)`` times fewer pending tasks than the growth threshold
@@ -80,6 +90,8 @@ from ._plan_model import (
     _Context,
     _Worker,
 )
+
+_SETTLE_CAP = 4  #: a backlog waits for others to settle at most this many ``settle_seconds``
 
 __all__ = [
     "Addition",
@@ -255,10 +267,13 @@ class Planner(LoadCosts):
 
         # Grow, the context that finishes last first: first with additions that pay for themselves,
         # then with the idle capacity that is left (see the module docstring).
+        held, settles_in = self._held_back(demand)
         limit = len(ws) + len(demand)
         additions = 0
         for idle in (False, True):
-            added, taken = self._grow(demand, released, ws, heap, holders, prewarm, plan_no, limit - additions, idle)
+            added, taken = self._grow(
+                demand, released, held, ws, heap, holders, prewarm, plan_no, limit - additions, idle
+            )
             additions += added
             steps += taken
 
@@ -271,14 +286,37 @@ class Planner(LoadCosts):
                 c.finish,
                 c.shares(),
             )
-        return PlanResult(decisions, tuple(prewarm), steps)
+        return PlanResult(decisions, tuple(prewarm), steps, settles_in)
 
-    def _grow(self, demand, released, ws, heap, holders, prewarm, plan_no: int, limit: int, idle: bool):
+    def _held_back(self, demand: dict[str, _Context]) -> tuple[set[str], float | None]:
+        """Contexts whose sets may not grow cold yet, and the seconds until the first of them may.
+
+        While any backlog is younger than ``settle_seconds``, contexts whose
+        own backlog is younger than ``_SETTLE_CAP`` times that wait: a burst
+        of ``client.map`` calls, one per context, arrives over a fraction of
+        a second, and planning on its first map alone gives that context
+        every idle worker (each then loads every context in turn).
+        """
+        settle = self.settings.settle_seconds
+        youngest = min(c.view.demand_seconds for c in demand.values())
+        if youngest >= settle:
+            return set(), None
+        held: set[str] = set()
+        settles_in = math.inf
+        for name, c in demand.items():
+            age = c.view.demand_seconds
+            if age < _SETTLE_CAP * settle:
+                held.add(name)
+                settles_in = min(settles_in, settle - youngest, _SETTLE_CAP * settle - age)
+        return held, (settles_in if held else None)
+
+    def _grow(self, demand, released, held, ws, heap, holders, prewarm, plan_no: int, limit: int, idle: bool):
         """Add workers to sets, the context that finishes last first; ``(additions, steps)``.
 
         ``idle=False``: an addition must pay for itself. ``idle=True``: only workers
         with nothing to do and room to spare are offered, and shortening the
         backlog is enough (their time would be lost anyway; nothing is evicted).
+        Contexts in ``held`` take only warm workers (see :meth:`_held_back`).
         """
         grow = [(-c.finish, c.view.name) for c in demand.values() if c.view.name not in released]
         heapq.heapify(grow)
@@ -309,6 +347,8 @@ class Planner(LoadCosts):
                 if ev is None:
                     continue
                 finish, rate_after, ready, overhead, cold, evicts = ev
+                if cold and name in held:
+                    continue
                 gain = c.finish - finish
                 if idle:
                     ok = gain > _EPS and not evicts

@@ -8,8 +8,8 @@ load factor, from finished tasks and loads; the records are in
 :class:`~dask_pervasive._planner.WorkerView` and
 :class:`~dask_pervasive._planner.ContextView` of one plan.
 
-Cost per plan: ``O(C)`` context views (task time from a sample of at most
-``_SAMPLE`` pending tasks, not all of them; whether a complete copy of a
+Cost per plan: ``O(C)`` context views (task time from the pending tasks'
+prefixes, counted as tasks come and go, one lookup per prefix; whether a complete copy of a
 context's files is alive stops at the first holder found; while a prefix has
 no duration yet, one ``O(W × threads)`` pass over the running tasks serves every
 context), and ``O(W)`` worker
@@ -22,9 +22,9 @@ never from a scan of the tasks).
 
 from __future__ import annotations
 
-import itertools
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._measures import ContextPlan, WorkerContext, WorkerRates, ewma, fetch_source
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 _SPEED_EWMA = 0.2  #: task times are noisy: a slower average than for loads
 _SPEED_TOLERANCE = 0.1  #: a worker's view is rebuilt when its speed moved more than this
 _MIN_TIMED = 5e-3  #: seconds: tasks shorter than this do not measure speeds
-_SAMPLE = 32  #: pending tasks looked at for a context's task time
 
 
 class PlannerInputs:
@@ -193,12 +192,16 @@ class PlannerInputs:
             counts = self.queues.counts(addr)
             queued = {name: n * task_seconds.get(name, 0.0) for name, n in counts.items()}
             ours = sum(queued.values())
+            nothing = []
             for name, wc in held.items():
                 if wc.state is State.ABSENT and not wc.files:
+                    nothing.append(name)
                     continue
                 h = self._holding(wc, now, queued.pop(name, 0.0))
                 volatile = volatile or wc.state in WARMING_STATES or h.failed_recently
                 contexts[name] = h
+            for name in nothing:  # its next report puts it back (_touch_worker): rebuilds stay O(held)
+                del held[name]
             r = self.rates.get(addr)
             host_budget, device_budget = self.budgets.get(addr, (None, None))
             # Plain tasks: Dask's occupancy (estimated seconds of all its processing tasks) less ours.
@@ -211,7 +214,9 @@ class PlannerInputs:
                 host_budget=host_budget,
                 device_budget=device_budget,
                 # Queued for contexts it holds nothing of (a member's is in the context's own backlog).
-                other_seconds=plain + sum(v for n, v in queued.items() if addr not in self._members_of(n)),
+                other_seconds=plain + sum(v for n, v in queued.items() if addr not in self._members_of(n))
+                if queued
+                else plain,
                 peers=addr not in self.no_peers,
                 contexts=contexts,
             )
@@ -254,6 +259,7 @@ class PlannerInputs:
                     peer_load_seconds=self._peer_load_seconds(plan),
                     size=plan.size,
                     members=frozenset(plan.members),
+                    demand_seconds=now - plan.demand_since if plan.demand_since is not None else math.inf,
                 )
             )
         return out
@@ -282,38 +288,21 @@ class PlannerInputs:
         return size / max(float(self.scheduler.bandwidth), 1.0)
 
     def _task_seconds(self, plan: ContextPlan) -> float:
-        """Median seconds per pending task, from a sample of them (see :meth:`_work`)."""
-        n = len(plan.pending)
-        sample = plan.pending if n <= _SAMPLE else itertools.islice(plan.pending, _SAMPLE)
-        work, counted = self._work(plan, sample)
-        return work / counted if counted else 0.0
-
-    def _work(self, plan: ContextPlan, keys: Iterable | None = None) -> tuple[float, int]:
-        """Thread-seconds of the pending work in ``keys`` (all pending by default), and how many were found.
+        """Mean seconds per pending task of ``plan``: one figure per task prefix, weighted by its count.
 
         Uses Dask's per-prefix duration average (from which worker plugins
         removed load time; ``distributed.scheduler.default-task-durations``
         declares one up front). For a prefix without one, see
-        :meth:`_untimed_seconds`.
+        :meth:`_untimed_seconds`. ``O(prefixes)``: the counts are kept as
+        tasks come and go (:meth:`ContextPlan.add_pending`).
         """
-        assert self.scheduler is not None
-        tasks = self.scheduler.tasks
-        per_prefix: dict[Any, float] = {}
         total = 0.0
         counted = 0
-        for key in plan.pending if keys is None else keys:
-            ts = tasks.get(key)
-            if ts is None:
-                continue
-            prefix = ts.prefix
-            d = per_prefix.get(prefix)
-            if d is None:
-                d = per_prefix[prefix] = (
-                    prefix.duration_average if prefix.duration_average >= 0 else self._untimed_seconds(plan, prefix)
-                )
-            total += d
-            counted += 1
-        return total, counted
+        for prefix, n in plan.pending_prefixes.items():
+            d = prefix.duration_average
+            total += n * (d if d >= 0 else self._untimed_seconds(plan, prefix))
+            counted += n
+        return total / counted if counted else 0.0
 
     def _untimed_seconds(self, plan: ContextPlan, prefix: Any) -> float:
         """Estimated seconds per task of a prefix without a duration average in Dask.

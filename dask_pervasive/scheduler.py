@@ -193,7 +193,11 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             self._ingest_state(worker, msg)
 
     def _ingest_budget(self, worker: str, msg: dict) -> None:
-        self.budgets[worker] = (msg.get("max_bytes"), msg.get("device_max_bytes"))
+        budgets = (msg.get("max_bytes"), msg.get("device_max_bytes"))
+        if self.budgets.get(worker) != budgets:
+            for plan in self.plans.values():
+                plan.fit_checked = None  # a member's budget may have shrunk below the context
+        self.budgets[worker] = budgets
         if msg.get("peers", True):
             self.no_peers.discard(worker)
         else:
@@ -285,6 +289,16 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         if self._replan_later is None:
             self._replan_later = loop.call_later(wait, self._replan_deferred)
 
+    def _replan_after(self, seconds: float) -> None:
+        """Re-plan in ``seconds`` (or sooner, when a deferred re-plan is already due)."""
+        if self._replan_later is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the scheduler's loop (tests of the hooks alone): the tick re-plans
+            return
+        self._replan_later = loop.call_later(max(seconds, 0.0), self._replan_deferred)
+
     def _replan_deferred(self) -> None:
         self._replan_later = None
         self._replan_now()
@@ -339,7 +353,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             if not isinstance(name, str) or ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions:
                 continue
             self.task_context[key] = name
-            self._plan_for(name).pending.add(key)
+            self._plan_for(name).add_pending(key, ts.prefix)
             self._fresh[name].add(key)
             found = True
         if bad_annotations:
@@ -373,19 +387,21 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             if worker is not None and plan.pending:
                 self._rebalance_soon(worker)
         if finish in ("memory", "erred"):
-            plan.pending.discard(key)
+            plan.discard_pending(key)
             if finish == "memory":
                 self._observe_finished(key, kwargs.get("worker"), kwargs.get("startstops"))
             plan.last_used = time.monotonic()
         elif finish == "forgotten":
-            plan.pending.discard(key)
+            plan.discard_pending(key)
             del self.task_context[key]
             fresh = self._fresh.get(name)
             if fresh:
                 fresh.discard(key)
         elif key not in plan.pending and finish in ("waiting", "no-worker", "processing"):
             # Computed before, now again: its result was lost with a worker.
-            plan.pending.add(key)
+            ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+            if ts is not None:
+                plan.add_pending(key, ts.prefix)
             self._stale.add(name)
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:

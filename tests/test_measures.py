@@ -40,3 +40,29 @@ def test_cached_files_and_contexts_without_files_time_the_setup():
     plan.observe_load(6.0, 4.0, fetch_source(origin_bytes=10))
     assert plan.expected_load_seconds(fetch_source(origin_bytes=10)) == pytest.approx(plan.setup_seconds + 4.0)
     assert plan.expected_load_seconds() == pytest.approx(plan.setup_seconds)
+
+
+def test_pending_tasks_are_counted_per_prefix_and_a_new_backlog_is_dated():
+    plan = ContextPlan("m")
+    plan.add_pending("f-1", "f")
+    first = plan.demand_since
+    assert first is not None
+    plan.add_pending("f-1", "f")  # the same key again counts once
+    plan.add_pending("f-2", "f")
+    plan.add_pending("g-1", "g")
+    assert plan.pending_prefixes == {"f": 2, "g": 1} and len(plan.pending) == 3
+    plan.discard_pending("f-1")
+    plan.discard_pending("g-1")
+    plan.discard_pending("nope")
+    assert plan.pending_prefixes == {"f": 1} and list(plan.pending) == ["f-2"]
+    plan.discard_pending("f-2")
+    assert plan.pending_prefixes == {} and not plan.pending
+    # Drained with its set kept (the grace period): more tasks continue the same backlog.
+    plan.members = {"w1"}
+    plan.add_pending("f-3", "f")
+    assert plan.demand_since == first
+    # Drained and released: the next task starts a new one.
+    plan.discard_pending("f-3")
+    plan.members = set()
+    plan.add_pending("f-4", "f")
+    assert plan.demand_since >= first

@@ -219,6 +219,44 @@ def test_warm_idle_workers_join_even_before_durations_are_known():
     assert not any(a.cold for a in d.added)
 
 
+def test_new_backlogs_settle_before_their_sets_grow_cold():
+    # client.map per context, back to back: planned on the first map alone, that context would
+    # take every idle worker and each worker would load every context in turn.
+    settings = PlannerSettings(prewarm_backlog=2, settle_seconds=0.25)
+    planner = Planner(settings)
+    young = [ContextView(n, pending=400, task_seconds=0.2, load_seconds=2.0, demand_seconds=0.0) for n in ("a", "b")]
+    first = planner.plan(views(8), young, now=0.0)
+    assert {n: len(d.members) for n, d in first.contexts.items()} == {"a": 1, "b": 1}  # tasks have a worker
+    assert first.settles_in == pytest.approx(0.25)
+    assert not first.prewarm
+    # Settled: the same backlogs on the same cluster split it, each worker in one set.
+    loading = Holding(state="loading")
+    ws = [
+        WorkerView(a, contexts={n: loading for n, d in first.contexts.items() if a in d.members}) for a in addrs(8)
+    ]
+    settled = [
+        ContextView(n, 400, 0.2, 2.0, members=first.contexts[n].members, demand_seconds=0.3) for n in ("a", "b")
+    ]
+    second = planner.plan(ws, settled, now=0.3)
+    a, b = second.contexts["a"].members, second.contexts["b"].members
+    assert second.settles_in is None
+    assert a | b == set(addrs(8)) and not a & b and len(a) == len(b) == 4
+
+
+def test_a_settled_backlog_grows_while_a_new_one_waits():
+    # A backlog older than _SETTLE_CAP x settle_seconds is not held back by a context that just came.
+    settings = PlannerSettings(prewarm_backlog=2, settle_seconds=0.25)
+    old = ContextView("a", pending=400, task_seconds=0.2, load_seconds=2.0, demand_seconds=1.0)
+    new = ContextView("b", pending=400, task_seconds=0.2, load_seconds=2.0, demand_seconds=0.1)
+    result = plan_once(views(8), [old, new], settings)
+    assert len(result.contexts["a"].members) > 1 and len(result.contexts["b"].members) == 1
+    assert result.settles_in == pytest.approx(0.15)
+    # Warm workers are not loads: a young backlog takes them at once.
+    ws = [WorkerView(a, contexts={"b": RESIDENT}) for a in addrs(3)] + views(8)[3:]
+    d = plan_once(ws, [new], settings).contexts["b"]
+    assert d.members == set(addrs(3)) and not any(x.cold for x in d.added)
+
+
 def test_no_pending_tasks_forgets_the_set():
     ctx = ContextView("m", pending=0, members=frozenset({"w000", "w001"}))
     d = plan_once(views(2), [ctx]).contexts["m"]

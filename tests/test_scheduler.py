@@ -211,6 +211,29 @@ async def test_big_backlog_warms_more_workers(c, s, *workers):
     assert any(e["cold"] and "backlog" in e["reason"] for e in events)
 
 
+def context_task(name, x):
+    dp.get_context(name)
+    time.sleep(0.02)
+    return x
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, timeout=60)
+async def test_maps_of_two_contexts_back_to_back_split_the_workers(c, s, *workers):
+    # One client.map per context: the second arrives while the first is planned. Planned on the
+    # first alone, its context took all four workers and each then loaded both (8 loads).
+    names = ("m0", "m1")
+    await dp.install(c, [dp.Context(n, load=functools.partial(load_sleep, seconds=0.5), device="cpu") for n in names])
+    futs = []
+    for n in names:
+        with dask.annotate(context=n):
+            futs += c.map(context_task, [n] * 100, range(100), pure=False)
+    assert await c.gather(futs) == list(range(100)) * 2
+    by_context = {n: set(ran_on(s, futs[i * 100 : (i + 1) * 100])) for i, n in enumerate(names)}
+    assert all(by_context.values())
+    # One load per worker, give or take one on a noisy machine (a set finishing early may lend a worker).
+    assert await loads(c) <= len(workers) + 1, await dp.stats(c)
+
+
 @gen_cluster(client=True, nthreads=[("", 1)] * 4)
 async def test_load_time_excluded_from_duration(c, s, *workers):
     await dp.install(c, [SLOW])
