@@ -231,12 +231,8 @@ def test_new_backlogs_settle_before_their_sets_grow_cold():
     assert not first.prewarm
     # Settled: the same backlogs on the same cluster split it, each worker in one set.
     loading = Holding(state="loading")
-    ws = [
-        WorkerView(a, contexts={n: loading for n, d in first.contexts.items() if a in d.members}) for a in addrs(8)
-    ]
-    settled = [
-        ContextView(n, 400, 0.2, 2.0, members=first.contexts[n].members, demand_seconds=0.3) for n in ("a", "b")
-    ]
+    ws = [WorkerView(a, contexts={n: loading for n, d in first.contexts.items() if a in d.members}) for a in addrs(8)]
+    settled = [ContextView(n, 400, 0.2, 2.0, members=first.contexts[n].members, demand_seconds=0.3) for n in ("a", "b")]
     second = planner.plan(ws, settled, now=0.3)
     a, b = second.contexts["a"].members, second.contexts["b"].members
     assert second.settles_in is None
@@ -255,6 +251,16 @@ def test_a_settled_backlog_grows_while_a_new_one_waits():
     ws = [WorkerView(a, contexts={"b": RESIDENT}) for a in addrs(3)] + views(8)[3:]
     d = plan_once(ws, [new], settings).contexts["b"]
     assert d.members == set(addrs(3)) and not any(x.cold for x in d.added)
+
+
+def test_a_backlog_does_not_wait_when_no_other_context_can_arrive():
+    # Every known context has a backlog (one model, or the last map of a burst): grow at once.
+    settings = PlannerSettings(prewarm_backlog=2, settle_seconds=0.25)
+    young = ContextView("a", pending=400, task_seconds=0.2, load_seconds=2.0, demand_seconds=0.0)
+    result = Planner(settings).plan(views(8), [young], now=0.0, quiet_contexts=0)
+    assert len(result.contexts["a"].members) == 8 and result.settles_in is None
+    held = Planner(settings).plan(views(8), [young], now=0.0, quiet_contexts=1)
+    assert len(held.contexts["a"].members) == 1 and held.settles_in == pytest.approx(0.25)
 
 
 def test_no_pending_tasks_forgets_the_set():
