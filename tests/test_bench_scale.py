@@ -70,6 +70,9 @@ def test_a_small_run_with_the_scheduler_in_its_own_process():
     assert len(r["cases"]["floor"]["runs_s"]) == 2 and roomy["floor_makespan_s"] > 0
     timings = roomy["timings"]  # measured on the scheduler's process
     assert timings["replans"] > 0 and timings["hook_calls"] > 0
+    began = timings["backlog_began_s"]  # one-by-one round-robin submits: both backlogs start at once
+    assert set(began) == {"c0", "c1"} and min(began.values()) == 0.0
     assert r["cases"]["floor"]["timings"] is None  # no plugin
     rows = {row["metric"]: row for row in targets.check_scale(r)}
     assert rows["all results correct"]["ok"] is True
+    assert rows["roomy: backlogs began within s"]["value"] == max(began.values())

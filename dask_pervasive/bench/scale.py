@@ -226,6 +226,12 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
         out[f"hook_{kind}_p99_ms"] = round(1e3 * value, 3) if calls else None
     lag = hooks.get("lag", {})
     out["loop_stall_max_ms"] = round(1e3 * lag.get("max", 0.0), 1)
+    # When each context's backlog began, from the earliest: a burst of maps wider than the planner's
+    # settling wait is planned a context at a time.
+    began = {name: plan.demand_since for name, plan in plugin.plans.items() if plan.demand_since is not None}
+    if began:
+        first = min(began.values())
+        out["backlog_began_s"] = {name: round(t - first, 3) for name, t in sorted(began.items())}
     return out
 
 
