@@ -87,7 +87,7 @@ class PlannerSettings:
     shrink_plans: int = 3  #: ... for this many consecutive plans
     shrink_delay: float = 1.0  #: ... and this many seconds
     #: seconds a new backlog waits before its set grows cold (see the planner's module docstring)
-    settle_seconds: float = 0.5
+    settle_seconds: float = 1.0
 
     @classmethod
     def from_scheduler(cls, settings: SchedulerSettings, **overrides) -> PlannerSettings:
