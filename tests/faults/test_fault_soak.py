@@ -62,7 +62,10 @@ def _inject(kind: str, client, cluster, rng) -> str:
     workers: list[str] = []
 
     def some_running() -> bool:
-        workers[:] = running_workers(client)
+        # Only addresses a nanny serves now: right after a kill or a retirement the scheduler can still
+        # list an address nobody listens on, and an RPC to it retries for the whole connect timeout.
+        current = {getattr(w, "worker_address", None) for w in cluster.workers.values()}
+        workers[:] = [a for a in running_workers(client) if a in current]
         return bool(workers)
 
     wait_until(some_running, 60, "a running worker to inject a fault into", interval=0.05)
