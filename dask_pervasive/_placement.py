@@ -164,8 +164,9 @@ class PlacementPlanner(PlannerInputs):
                 self._stale.add(plan.name)
         contexts = self._context_views(now)
         task_seconds = {c.name: c.task_seconds for c in contexts}
-        # Known contexts without a backlog: while there are any, a new backlog may be the first of a burst.
-        quiet = sum(1 for plan in self.plans.values() if not plan.pending and not plan.members)
+        # Known contexts without a backlog (those _context_views leaves out: no tasks, no set): while there
+        # are any, a new backlog may be the first of a burst.
+        quiet = len(self.plans) - len(contexts)
         result = self.joint.plan(self._worker_views(now, task_seconds), contexts, now, quiet)
         for name, decision in result.contexts.items():
             plan = self.plans[name]

@@ -214,9 +214,7 @@ class PlannerInputs:
                 host_budget=host_budget,
                 device_budget=device_budget,
                 # Queued for contexts it holds nothing of (a member's is in the context's own backlog).
-                other_seconds=plain + sum(v for n, v in queued.items() if addr not in self._members_of(n))
-                if queued
-                else plain,
+                other_seconds=plain + sum(v for n, v in queued.items() if addr not in self._members_of(n)),
                 peers=addr not in self.no_peers,
                 contexts=contexts,
             )

@@ -477,7 +477,8 @@ def check_scale(r: dict[str, Any]) -> list[dict[str, Any]]:
                 cpu = f"{t['replan_cpu_p50_ms']}/{t['replan_cpu_p99_ms']}/{t['replan_cpu_max_ms']}"
                 rows.append(check(tag, f"{name}: re-plan CPU p50/p99/max ms", cpu, "", None))
             if t.get("backlog_began_s"):
-                # A burst wider than the planner's settling wait (0.5 s) is planned a context at a time.
+                # A burst wider than the planner's settling wait (PlannerSettings.settle_seconds) is planned a
+                # context at a time.
                 spread = max(t["backlog_began_s"].values())
                 rows.append(check(tag, f"{name}: backlogs began within s", spread, "", None))
             rows.append(
