@@ -286,18 +286,20 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         for name, keys in self._fresh.items():
             self._apply(self.plans[name], stimulus_id, keys)
         self._fresh.clear()
-        if self._replan_later is None:
-            self._replan_later = loop.call_later(wait, self._replan_deferred)
+        self._replan_after(wait)
 
     def _replan_after(self, seconds: float) -> None:
-        """Re-plan in ``seconds`` (or sooner, when a deferred re-plan is already due)."""
-        if self._replan_later is not None:
-            return
+        """Re-plan in ``seconds``, or sooner when a deferred re-plan is already due sooner (one timer)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # outside the scheduler's loop (tests of the hooks alone): the tick re-plans
             return
-        self._replan_later = loop.call_later(max(seconds, 0.0), self._replan_deferred)
+        when = loop.time() + max(seconds, 0.0)
+        if self._replan_later is not None:
+            if self._replan_later.when() <= when:
+                return
+            self._replan_later.cancel()  # a submit's re-plan must not wait for a settling backlog's
+        self._replan_later = loop.call_at(when, self._replan_deferred)
 
     def _replan_deferred(self) -> None:
         self._replan_later = None
