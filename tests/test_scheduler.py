@@ -12,7 +12,7 @@ import dask
 import dask.bag as db
 import pytest
 from distributed import Worker, wait
-from distributed.utils_test import async_poll_for, gen_cluster, inc, slowinc
+from distributed.utils_test import async_poll_for, gen_cluster, gen_test, inc, slowinc
 from loaders import load_sleep
 from plugin_helpers import add_plugin
 
@@ -393,3 +393,18 @@ async def test_several_clients(c, s, a, b):
         f2 = c2.map(short_task, range(10, 20))
         assert await c.gather(f1) + await c2.gather(f2) == [x + 1 for x in range(20)]
     assert await loads(c) <= 2
+
+
+@gen_test()
+async def test_one_deferred_replan_timer_and_the_earliest_wins():
+    # A settling backlog schedules a re-plan in 1 s; a submit's within 50 ms must not wait for it.
+    plugin = ContextSchedulerPlugin()
+    loop = asyncio.get_running_loop()
+    plugin._replan_after(1.0)
+    late = plugin._replan_later
+    plugin._replan_after(0.05)
+    assert late.cancelled() and plugin._replan_later.when() <= loop.time() + 0.05
+    soon = plugin._replan_later
+    plugin._replan_after(1.0)  # later than the one due: kept
+    assert plugin._replan_later is soon and not soon.cancelled()
+    soon.cancel()
