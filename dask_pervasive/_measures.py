@@ -79,6 +79,7 @@ class ContextPlan:
 
     name: str
     members: set[str] = field(default_factory=set)  #: the affinity set
+    resident: set[str] = field(default_factory=set)  #: workers that reported it resident (kept by the plugin)
     #: keys of unfinished tasks -> their Dask ``TaskPrefix`` (see :meth:`add_pending`)
     pending: dict = field(default_factory=dict)
     #: prefix -> how many of ``pending`` have it: the task time is one lookup per prefix, not per task

@@ -18,6 +18,7 @@ class LoadCosts:
     """Load prices for :class:`~dask_pervasive._planner.Planner` (needs ``self.settings``)."""
 
     settings: PlannerSettings
+    _now: float = 0.0  #: the current plan's ``now`` (how long running loads have been going)
 
     @staticmethod
     def _holding(w: _Worker, c: _Context) -> Holding:
@@ -47,7 +48,8 @@ class LoadCosts:
         if h.state == _RESIDENT:
             return 0.0
         if h.state in _WARMING:
-            return max(0.0, full - h.loading_for)
+            loading_for = self._now - h.loading_since if h.loading_since is not None else 0.0
+            return max(0.0, full - max(loading_for, 0.0))
         if h.files:
             if c.view.setup_seconds is not None:
                 return min(full, c.view.setup_seconds * w.view.load_factor)

@@ -34,7 +34,9 @@ class Holding:
 
     state: str = State.ABSENT.value  #: a :class:`~dask_pervasive._protocol.State` value
     files: bool = False  #: the context's files are in the worker's local cache
-    loading_for: float = 0.0  #: seconds since the running fetch/load started (``fetching``/``loading``)
+    #: when the running fetch/load started (``fetching``/``loading``), on the clock of the plan's ``now``;
+    #: None: just now. A time, not an age: the view of a loading worker stays valid from plan to plan.
+    loading_since: float | None = None
     load_seconds: float | None = None  #: this worker's measured fetch + load (EWMA), None if never loaded
     queued_seconds: float = 0.0  #: median seconds of this context's tasks queued or running on the worker
     host_bytes: int | None = None  #: bytes held when resident (else the context's size is used)
@@ -55,6 +57,18 @@ class WorkerView:
     other_seconds: float = 0.0  #: median seconds of queued work outside our contexts (plain tasks)
     peers: bool = True  #: its cold loads may copy from peers (``pervasive.transfer.peers``)
     contexts: Mapping[str, Holding] = field(default_factory=dict)
+    # Derived once per view (the plugin keeps views of unchanged workers, the planner reads these every plan).
+    rate: float = field(init=False, repr=False, compare=False)  #: median task seconds it runs per second
+    limited: bool = field(init=False, repr=False, compare=False)  #: it has a host or device budget
+    budget: tuple[int, int] = field(init=False, repr=False, compare=False)  #: (host, device), 0 where unlimited
+    failed: bool = field(init=False, repr=False, compare=False)  #: a context failed there recently
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen
+        set_(self, "rate", max(self.nthreads, 1) / max(self.speed, 1e-9))
+        set_(self, "limited", self.host_budget is not None or self.device_budget is not None)
+        set_(self, "budget", (self.host_budget or 0, self.device_budget or 0))
+        set_(self, "failed", any(h.failed_recently for h in self.contexts.values()))
 
 
 @dataclass(frozen=True)
@@ -168,12 +182,12 @@ class _Worker:
 
     def __init__(self, view: WorkerView) -> None:
         self.view = view
-        self.rate = max(view.nthreads, 1) / max(view.speed, 1e-9)
+        self.rate = view.rate
         self.free = 0.0  #: seconds until its committed work ends
         self.version = 0  #: bumped when ``free`` changes (heap entries carry it)
         self.last: str | None = None  #: the context that ends its timeline
-        self.limited = view.host_budget is not None or view.device_budget is not None
-        self.budget = (view.host_budget or 0, view.device_budget or 0)
+        self.limited = view.limited
+        self.budget = view.budget
         #: contexts in demand it serves or is loading: (host, device) bytes counted against the budget
         self.pinned: dict[str, tuple[int, int]] = {}
         self.pin_h = self.pin_d = 0

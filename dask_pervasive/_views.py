@@ -14,10 +14,13 @@ context's files is alive stops at the first holder found; while a prefix has
 no duration yet, one ``O(W × threads)`` pass over the running tasks serves every
 context), and ``O(W)`` worker
 views of which only those whose state or queue changed since the last plan (or
-with a load running or a recent failure, whose numbers age) are rebuilt, each
-in ``O(h + q)`` (contexts it holds, contexts it has tasks of: the queue counts
-come from :class:`~dask_pervasive._queues.WorkerQueues`, kept incrementally,
-never from a scan of the tasks).
+with a recent failure, which expires) are rebuilt, each in ``O(h + q)``
+(contexts it holds, contexts it has tasks of: the queue counts come from
+:class:`~dask_pervasive._queues.WorkerQueues`, kept incrementally, never from a
+scan of the tasks). A running load is passed as its start time, so a loading
+worker's view stays valid; a rebuild for a queue change alone keeps the
+holdings whose queued seconds did not change, and the whole view when nothing
+did.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ class PlannerInputs:
         return Holding(
             state=wc.state.value,
             files=wc.files,
-            loading_for=now - wc.loading_since if wc.state in WARMING_STATES else 0.0,
+            loading_since=wc.loading_since if wc.state in WARMING_STATES else None,
             load_seconds=wc.load_seconds,
             queued_seconds=queued,
             host_bytes=wc.host_bytes if resident else None,
@@ -183,10 +186,13 @@ class PlannerInputs:
             addr = ws.address
             version = versions.get(addr, 0)
             cached = views.get(addr)
-            if cached is not None and cached[0] == version and not cached[2] and addr not in changed:
-                out.append(cached[1])
+            # Only its queue changed (no report, nothing aging): its holdings differ at most in queued seconds.
+            previous = cached[1] if cached is not None and cached[0] == version and not cached[2] else None
+            if previous is not None and addr not in changed:
+                out.append(previous)
                 continue
             volatile = False
+            reused = previous is not None
             contexts = {}
             held = by_worker.get(addr, {})
             counts = self.queues.counts(addr)
@@ -197,8 +203,12 @@ class PlannerInputs:
                 if wc.state is State.ABSENT and not wc.files:
                     nothing.append(name)
                     continue
-                h = self._holding(wc, now, queued.pop(name, 0.0))
-                volatile = volatile or wc.state in WARMING_STATES or h.failed_recently
+                seconds = queued.pop(name, 0.0)
+                h = previous.contexts.get(name) if previous is not None else None
+                if h is None or h.queued_seconds != seconds:
+                    h = self._holding(wc, now, seconds)
+                    reused = False
+                volatile = volatile or h.failed_recently  # it turns False with time
                 contexts[name] = h
             for name in nothing:  # its next report puts it back (_touch_worker): rebuilds stay O(held)
                 del held[name]
@@ -206,18 +216,22 @@ class PlannerInputs:
             host_budget, device_budget = self.budgets.get(addr, (None, None))
             # Plain tasks: Dask's occupancy (estimated seconds of all its processing tasks) less ours.
             plain = max(0.0, ws.occupancy - ours) if len(ws.processing) > sum(counts.values()) else 0.0
-            view = WorkerView(
-                addr,
-                nthreads=ws.nthreads,
-                speed=r.planned_speed if r is not None else 1.0,
-                load_factor=r.load_factor if r is not None else 1.0,
-                host_budget=host_budget,
-                device_budget=device_budget,
-                # Queued for contexts it holds nothing of (a member's is in the context's own backlog).
-                other_seconds=plain + sum(v for n, v in queued.items() if addr not in self._members_of(n)),
-                peers=addr not in self.no_peers,
-                contexts=contexts,
-            )
+            # Queued for contexts it holds nothing of (a member's is in the context's own backlog).
+            other = plain + sum(v for n, v in queued.items() if addr not in self._members_of(n))
+            if reused and previous.other_seconds == other and len(previous.contexts) == len(contexts):
+                view = previous  # the same object: the planner may keep what it derived from it
+            else:
+                view = WorkerView(
+                    addr,
+                    nthreads=ws.nthreads,
+                    speed=r.planned_speed if r is not None else 1.0,
+                    load_factor=r.load_factor if r is not None else 1.0,
+                    host_budget=host_budget,
+                    device_budget=device_budget,
+                    other_seconds=other,
+                    peers=addr not in self.no_peers,
+                    contexts=contexts,
+                )
             views[addr] = (version, view, volatile)
             out.append(view)
         return out
@@ -331,9 +345,8 @@ class PlannerInputs:
         running = self._running_seconds()
         if prefix in running:
             return running[prefix]
-        for wc in self.warm.get(plan.name, {}).values():
-            if wc.state is State.RESIDENT:
-                return 0.0  # its first task is about to start there
+        if plan.resident:  # O(1): a scan of the warm map here was O(workers) per context and plan
+            return 0.0  # its first task is about to start there
         return float(self.scheduler.UNKNOWN_TASK_DURATION)
 
     def _measured_seconds(self, prefix_name: str) -> float | None:

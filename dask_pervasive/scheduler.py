@@ -218,6 +218,10 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         elif state is State.RESIDENT and wc.state is not State.RESIDENT:
             wc.resident_since = time.monotonic()
         wc.state = state
+        if state is State.RESIDENT:
+            plan.resident.add(worker)
+        else:
+            plan.resident.discard(worker)
         wc.files = bool(msg.get("files"))
         wc.loads = msg.get("loads", wc.loads)
         declared = msg.get("declared_bytes")
@@ -422,6 +426,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
         lost = [p.name for p in self.plans.values() if worker in p.members]
         for plan in self.plans.values():
             plan.members.discard(worker)
+            plan.resident.discard(worker)
         if lost:
             scheduler.log_event(EVENT_TOPIC, {"action": Action.WORKER_LOST.value, "worker": worker, "contexts": lost})
             self._stale.update(lost)  # their tasks still name the dead worker

@@ -57,7 +57,7 @@ class Sim:
             hs = {}
             for c, (state, since, _) in self.held[w].items():
                 measured = self.load_time(w, c) if state == "resident" else None
-                hs[c] = Holding(state=state, loading_for=self.now - since, load_seconds=measured)
+                hs[c] = Holding(state=state, loading_since=since, load_seconds=measured)
             out.append(
                 WorkerView(
                     w,
@@ -660,3 +660,17 @@ def test_cached_files_cost_the_setup_only():
         setup_seconds=0.2,
     )
     assert plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2)).contexts["m"].members == {"w000", "w001"}
+
+
+def test_a_running_load_counts_down_with_the_plans_clock():
+    # A loading worker's view carries when its load started, so the plugin can keep the same view
+    # from plan to plan: what is left of the load comes from the plan's ``now``.
+    loading = Holding(state="loading", loading_since=10.0, load_seconds=4.0)
+    view = WorkerView("w001", contexts={"m": loading})
+    context = ContextView("m", pending=10, task_seconds=1.0, load_seconds=4.0, members=frozenset({"w001"}))
+    planner = Planner(PlannerSettings(prewarm_backlog=100))
+    assert planner.plan([view], [context], now=11.0).contexts["m"].finish == pytest.approx(3.0 + 10.0)
+    assert planner.plan([view], [context], now=13.0).contexts["m"].finish == pytest.approx(1.0 + 10.0)
+    assert planner.plan([view], [context], now=20.0).contexts["m"].finish == pytest.approx(10.0)  # overdue: 0 left
+    just_started = WorkerView("w001", contexts={"m": Holding(state="loading", load_seconds=4.0)})
+    assert planner.plan([just_started], [context], now=20.0).contexts["m"].finish == pytest.approx(4.0 + 10.0)

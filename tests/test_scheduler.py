@@ -17,7 +17,7 @@ from loaders import load_sleep
 from plugin_helpers import add_plugin
 
 import dask_pervasive as dp
-from dask_pervasive._protocol import WARMING_STATES, State
+from dask_pervasive._protocol import EVENT_TOPIC, WARMING_STATES, State
 from dask_pervasive.scheduler import ContextSchedulerPlugin
 
 SLOW = dp.Context("slow", load=functools.partial(load_sleep, seconds=0.5), device="cpu")
@@ -169,6 +169,7 @@ async def test_running_time_counts_from_residency_for_every_context_of_the_prefi
         since = time.monotonic() - plugin.warm["held"][addr].resident_since
         assert 0.0 <= views["held"].task_seconds <= since < 1000.0
         assert not any(wc.state is State.RESIDENT for wc in plugin.warm.get("gated", {}).values())
+        assert plugin.plans["held"].resident == {addr} and not plugin.plans["gated"].resident
         assert views["gated"].task_seconds == views["held"].task_seconds  # not the 0.5 s prior
     finally:
         LOAD_GATE.set()
@@ -262,6 +263,35 @@ async def test_contexts_settle_under_memory_budget(c, s, *workers):
     assert all(len(where[n]["resident"]) >= 1 for n in names)
 
 
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, timeout=60)
+async def test_worker_views_are_kept_while_nothing_the_planner_reads_changed(c, s, a, b):
+    """A view is rebuilt only when its worker reported or its queue changed; a queue change that
+    leaves the counts as they were keeps the same objects, and so does a running load (its view
+    carries the load's start time, not its age)."""
+    plugin = await add_plugin(s, ContextSchedulerPlugin(interval="1h"))
+    await dp.install(c, [SLOW], scheduler=False)
+    await dp.prewarm(c, "slow", workers=[a.address], progress=False)
+    now = time.monotonic()
+    first = {v.address: v for v in plugin._worker_views(now, {"slow": 0.1})}
+    assert first[a.address].contexts["slow"].state == "resident"
+    assert {v.address: v for v in plugin._worker_views(now + 1, {"slow": 0.1})} == first
+    plugin.queues.add("k", a.address, "slow")
+    plugin.queues.discard("k")  # a changed, its counts did not
+    again = {v.address: v for v in plugin._worker_views(now + 2, {"slow": 0.1})}
+    assert again[a.address] is first[a.address]
+    plugin.queues.add("k", a.address, "slow")
+    queued = {v.address: v for v in plugin._worker_views(now + 3, {"slow": 0.1})}
+    assert queued[a.address] is not first[a.address]
+    assert queued[a.address].contexts["slow"].queued_seconds == pytest.approx(0.1)
+    plugin.queues.discard("k")
+    b.log_event(EVENT_TOPIC, {"action": "context-state", "context": "slow", "state": "loading", "loads": 0})
+    await async_poll_for(lambda: plugin.warm["slow"][b.address].state is State.LOADING, timeout=10.0)
+    loading = {v.address: v for v in plugin._worker_views(now + 4, {"slow": 0.1})}
+    later = {v.address: v for v in plugin._worker_views(now + 9, {"slow": 0.1})}
+    assert later[b.address] is loading[b.address]
+    assert later[b.address].contexts["slow"].loading_since == plugin.warm["slow"][b.address].loading_since
+
+
 @gen_cluster(client=True, nthreads=[("", 1)] * 3, timeout=60)
 async def test_lost_warm_worker_tasks_go_to_survivors(c, s, a, b, w3):
     plugin = ContextSchedulerPlugin(prewarm_backlog=1)
@@ -273,10 +303,12 @@ async def test_lost_warm_worker_tasks_go_to_survivors(c, s, a, b, w3):
     while sum(f.done() for f in futs) < 5:
         await asyncio.sleep(0.01)
     assert plugin.plans["slow"].members == {a.address, b.address}
+    assert plugin.plans["slow"].resident == {a.address, b.address}
     done_before = {f.key for f in futs if f.done()}
     await a.close()
     assert await c.gather(futs) == [x + 1 for x in range(60)]
     assert a.address not in plugin.plans["slow"].members
+    assert plugin.plans["slow"].resident == {b.address}
     assert all(a.address not in states for states in plugin.warm.values())
     assert a.address not in plugin.budgets
     # everything (including results lost with a) now lives on the warm survivor

@@ -139,6 +139,7 @@ async def test_member_evicting_its_context_stops_getting_tasks_at_once(c, s, a, 
     # b's cache evicts the context under memory pressure and says so
     b.log_event(EVENT_TOPIC, {"action": "context-state", "context": "slow", "state": "evicted", "loads": 1})
     await async_poll_for(lambda: plugin.warm["slow"][b.address].state == "evicted", timeout=10.0)
+    assert plugin.plans["slow"].resident == {a.address}
     await async_poll_for(lambda: set(map(frozenset, _restrictions(s, futures))) == {frozenset({a.address})}, timeout=1)
     assert plugin.plans["slow"].members == {a.address}
     assert await c.gather(futures) == [x + 1 for x in range(200)]
