@@ -87,30 +87,14 @@ class PlacementPlanner(PlannerInputs):
     _last_replan: float
     _replan_after: Callable[[float], None]  #: the plugin's: re-plan in that many seconds (once)
 
-    # -- per-worker measurements ------------------------------------------------------
-    @property
-    def joint(self) -> Planner:
-        """The joint planner (built on first use from ``settings``; it keeps the hysteresis memory)."""
-        planner = self.__dict__.get("_joint")
-        if planner is None:
-            planner = self.__dict__["_joint"] = Planner(PlannerSettings.from_scheduler(self.settings))
-        return planner
-
-    @property
-    def replan_seconds(self) -> deque[float]:
-        """Wall seconds of the latest re-plans (bounded), for the overhead metrics and the benchmark."""
-        out = self.__dict__.get("_replan_seconds")
-        if out is None:
-            out = self.__dict__["_replan_seconds"] = deque(maxlen=_TIMINGS)
-        return out
-
-    @property
-    def replan_cpu_seconds(self) -> deque[float]:
-        """CPU seconds (this thread) of the same re-plans: on a loaded machine, wall time also counts waiting."""
-        out = self.__dict__.get("_replan_cpu_seconds")
-        if out is None:
-            out = self.__dict__["_replan_cpu_seconds"] = deque(maxlen=_TIMINGS)
-        return out
+    def __init__(self) -> None:
+        super().__init__()  # needs ``settings`` set: the plugin sets it first
+        #: the joint planner (it keeps the hysteresis memory between plans)
+        self.joint = Planner(PlannerSettings.from_scheduler(self.settings))
+        #: wall seconds of the latest re-plans (bounded), for the overhead metrics and the benchmark
+        self.replan_seconds: deque[float] = deque(maxlen=_TIMINGS)
+        #: CPU seconds (this thread) of the same re-plans: on a loaded machine, wall time also counts waiting
+        self.replan_cpu_seconds: deque[float] = deque(maxlen=_TIMINGS)
 
     # -- planning ----------------------------------------------------------------------
     def _cannot_hold(self, plan: ContextPlan, addr: str) -> bool:

@@ -159,8 +159,9 @@ _NOTHING: frozenset[str] = frozenset()
 
 
 class _Worker:
-    # Built for every worker at every plan: a few ints and one dict, the rest made when first needed
-    # (each container allocated counts towards the garbage collector's next pass).
+    # Kept by the planner from plan to plan while its view is the same object (reset() then): every
+    # container allocated in a plan counts towards the garbage collector's next pass, which then lands
+    # in the scheduler's hook. A new view gets a new one.
     __slots__ = (
         "budget",
         "ev_d",
@@ -183,16 +184,24 @@ class _Worker:
     def __init__(self, view: WorkerView) -> None:
         self.view = view
         self.rate = view.rate
-        self.free = 0.0  #: seconds until its committed work ends
-        self.version = 0  #: bumped when ``free`` changes (heap entries carry it)
-        self.last: str | None = None  #: the context that ends its timeline
         self.limited = view.limited
         self.budget = view.budget
         #: contexts in demand it serves or is loading: (host, device) bytes counted against the budget
         self.pinned: dict[str, tuple[int, int]] = {}
-        self.pin_h = self.pin_d = 0
-        #: held contexts in demand it does not serve: (bytes, reload seconds); None while there are none
+        #: held contexts in demand it does not serve: (bytes, reload seconds); None until there are some
         self.evictable: dict[str, tuple[tuple[int, int], float]] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """The state a plan starts from (everything but the view and what derives from it)."""
+        self.free = 0.0  #: seconds until its committed work ends
+        self.version = 0  #: bumped when ``free`` changes (heap entries carry it)
+        self.last: str | None = None  #: the context that ends its timeline
+        if self.pinned:
+            self.pinned.clear()
+        self.pin_h = self.pin_d = 0
+        if self.evictable:
+            self.evictable.clear()
         self.ev_h = self.ev_d = 0
         self.evicted: frozenset[str] | set[str] = _NOTHING  #: contexts this plan evicts from it
         #: bytes of resident contexts nobody has tasks for (its LRU evicts them freely, but they stay useful)

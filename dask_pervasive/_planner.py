@@ -4,7 +4,8 @@ Pure and distributed-free: the scheduler plugin turns its warm map, budgets,
 estimates and Dask's queues into :class:`WorkerView` / :class:`ContextView`
 snapshots, calls :meth:`Planner.plan`, and applies the returned affinity sets
 (restrictions) and prewarm requests. The :class:`Planner` object keeps only
-the hysteresis memory between plans.
+the hysteresis memory between plans (and, to allocate less, each worker's
+working state while its view is the same object).
 
 Model
 -----
@@ -134,6 +135,7 @@ class Planner(LoadCosts):
             str, tuple[int, float, int]
         ] = {}  #: context -> (plan, time) it became over-provisioned, most pending since
         self._released: dict[tuple[str, str], int] = {}  #: (context, worker) -> plan it was released in
+        self._workers: dict[str, _Worker] = {}  #: the last plan's working state, reused for unchanged views
 
     def plan(
         self,
@@ -167,7 +169,16 @@ class Planner(LoadCosts):
         plan_no = self._plans
         if self._released:
             self._released = {k: v for k, v in self._released.items() if plan_no - v < s.shrink_plans}
-        ws = {v.address: _Worker(v) for v in workers}
+        ws = {}
+        kept = self._workers
+        for v in workers:
+            w = kept.get(v.address)
+            if w is not None and w.view is v:
+                w.reset()
+            else:
+                w = _Worker(v)
+            ws[v.address] = w
+        self._workers = ws  # workers gone or with a new view are dropped
         decisions: dict[str, ContextDecision] = {}
         demand: dict[str, _Context] = {}
         for view in contexts:

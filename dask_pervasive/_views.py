@@ -58,41 +58,31 @@ class PlannerInputs:
     transfer: SourceCoordinator | None
     _schedule_replan: Callable[[], None]  #: the plugin's: re-plan on the next loop iteration
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.rates: dict[str, WorkerRates] = {}  #: per worker: measured task speed and load factor
+        #: our tasks in ``processing`` per worker and context (kept from transitions and steals)
+        self.queues = WorkerQueues()
+        self._reports: dict[str, int] = {}  #: per worker: reports so far (a view is rebuilt when it changes)
+        #: per worker: (reports when built, its view, whether it must be rebuilt at every plan)
+        self._views: dict[str, tuple[int, WorkerView, bool]] = {}
+        #: per worker: the contexts it holds something of (what a view is built from)
+        self._held: dict[str, dict[str, WorkerContext]] = {}
+        self._prefix_seconds: dict[str, list] = {}  #: prefix name -> [compute seconds, tasks] finished
+        #: per prefix: the longest a task has computed so far (one lookup per re-plan; None: not yet)
+        self._running_memo: dict[Any, float] | None = None
+
     # -- per-worker measurements ------------------------------------------------------
-    @property
-    def rates(self) -> dict[str, WorkerRates]:
-        """Per-worker measured task speed and load factor."""
-        rates = self.__dict__.get("_rates")
-        if rates is None:
-            rates = self.__dict__["_rates"] = {}
-        return rates
-
-    @property
-    def queues(self) -> WorkerQueues:
-        """Our tasks in ``processing`` per worker and context (kept from transitions and steals)."""
-        queues = self.__dict__.get("_queues")
-        if queues is None:
-            queues = self.__dict__["_queues"] = WorkerQueues()
-        return queues
-
-    def _views_cache(self) -> dict[str, Any]:
-        cache = self.__dict__.get("_views")
-        if cache is None:
-            cache = self.__dict__["_views"] = {"version": {}, "views": {}, "by_worker": {}}
-        return cache
-
     def _touch_worker(self, addr: str, name: str | None = None) -> None:
         """``addr`` reported something (a context state, its budget): rebuild its view at the next plan."""
-        cache = self._views_cache()
-        cache["version"][addr] = cache["version"].get(addr, 0) + 1
+        self._reports[addr] = self._reports.get(addr, 0) + 1
         if name is not None:
             wc = self.warm.get(name, {}).get(addr)
             if wc is not None:
-                cache["by_worker"].setdefault(addr, {})[name] = wc
+                self._held.setdefault(addr, {})[name] = wc
 
     def _forget_worker(self, addr: str) -> None:
-        cache = self._views_cache()
-        for part in cache.values():
+        for part in (self._reports, self._views, self._held):
             part.pop(addr, None)
         self.rates.pop(addr, None)
         self.no_peers.discard(addr)
@@ -136,10 +126,9 @@ class PlannerInputs:
             return  # too short to tell speeds apart from scheduling noise
         # Against the running mean of the prefix over all workers (Dask's own average follows the
         # latest tasks, so it swings between fast and slow workers).
-        totals = self.__dict__.setdefault("_prefix_seconds", {})
-        total = totals.get(ts.prefix.name)
+        total = self._prefix_seconds.get(ts.prefix.name)
         if total is None:
-            total = totals[ts.prefix.name] = [0.0, 0]
+            total = self._prefix_seconds[ts.prefix.name] = [0.0, 0]
         total[0] += compute
         total[1] += 1
         average = self._measured_seconds(ts.prefix.name)
@@ -178,8 +167,7 @@ class PlannerInputs:
         ``other_seconds``, with its plain tasks (Dask's occupancy minus ours).
         """
         assert self.scheduler is not None
-        cache = self._views_cache()
-        versions, views, by_worker = cache["version"], cache["views"], cache["by_worker"]
+        versions, views, by_worker = self._reports, self._views, self._held
         changed = self.queues.take_changed()
         out = []
         for ws in self.scheduler.running:
@@ -242,7 +230,7 @@ class PlannerInputs:
 
     def _context_views(self, now: float) -> list[ContextView]:
         out = []
-        self.__dict__["_running_memo"] = None  # tasks' running times, looked up once per re-plan if needed
+        self._running_memo = None  # tasks' running times, looked up once per re-plan if needed
         for plan in self.plans.values():
             if not plan.pending and not plan.members:
                 continue
@@ -351,7 +339,7 @@ class PlannerInputs:
 
     def _measured_seconds(self, prefix_name: str) -> float | None:
         """Mean compute seconds of the prefix's finished tasks (load time excluded); None before one."""
-        total = self.__dict__.get("_prefix_seconds", {}).get(prefix_name)
+        total = self._prefix_seconds.get(prefix_name)
         return total[0] / total[1] if total and total[1] else None
 
     def _running_seconds(self) -> dict[Any, float]:
@@ -362,7 +350,7 @@ class PlannerInputs:
         resident worker would see a lower bound and the others Dask's prior,
         and the others would warm workers the first ones then need.
         """
-        memo = self.__dict__.get("_running_memo")
+        memo = self._running_memo
         if memo is not None:
             return memo
         assert self.scheduler is not None
@@ -376,5 +364,5 @@ class PlannerInputs:
                 seconds = min(elapsed, now - wc.resident_since)
                 if seconds > running.get(ts.prefix, -1.0):
                     running[ts.prefix] = seconds
-        self.__dict__["_running_memo"] = running
+        self._running_memo = running
         return running

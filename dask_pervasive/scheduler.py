@@ -118,6 +118,7 @@ class ContextSchedulerPlugin(PlacementPlanner, SchedulerPlugin):
             default_load_seconds=default_load_seconds,
             interval=interval,
         )
+        super().__init__()  # the planning state (PlacementPlanner, PlannerInputs)
         self.plans: dict[str, ContextPlan] = {}
         self.warm: dict[str, dict[str, WorkerContext]] = defaultdict(dict)  # context -> worker -> state
         self.budgets: dict[str, tuple[int | None, int | None]] = {}

@@ -74,7 +74,7 @@ async def test_worker_views_are_rebuilt_only_when_the_worker_reports(c, s, a, b)
     await dp.install(c, [QUICK], scheduler=False)
     await dp.prewarm(c, "quick", workers=[a.address], progress=False)
     plugin.replan("test-1")
-    views = plugin._views_cache()["views"]
+    views = plugin._views
     before = {addr: entry[1] for addr, entry in views.items()}
     assert before[a.address].contexts["quick"].state == "resident"
     assert "quick" not in before[b.address].contexts
@@ -141,7 +141,7 @@ async def test_queued_work_per_worker_follows_transitions(c, s, a, b):
         for addr in (a.address, b.address):
             assert plugin.queues.count(addr, "quick") == processing_of(s, addr)
         plugin.replan("test")
-        views = plugin._views_cache()["views"]
+        views = plugin._views
         duration = s.task_prefixes["gated_task"].duration_average
         assert duration > 0
         for addr in (a.address, b.address):

@@ -674,3 +674,38 @@ def test_a_running_load_counts_down_with_the_plans_clock():
     assert planner.plan([view], [context], now=20.0).contexts["m"].finish == pytest.approx(10.0)  # overdue: 0 left
     just_started = WorkerView("w001", contexts={"m": Holding(state="loading", load_seconds=4.0)})
     assert planner.plan([just_started], [context], now=20.0).contexts["m"].finish == pytest.approx(4.0 + 10.0)
+
+
+def test_a_worker_whose_view_did_not_change_is_planned_as_a_new_one_would_be():
+    # The planner keeps each worker's working state while the plugin hands it the same view object
+    # (to allocate less); a plan must come out as it would from an equal, new view.
+    held = {"a": Holding(state="resident", host_bytes=1000), "b": Holding(state="loading", loading_since=0.0)}
+    budget = {"host_budget": 2500}
+    same = [WorkerView("w000", contexts=held, **budget)] + [WorkerView(a, **budget) for a in addrs(6)[1:]]
+
+    def rounds(fresh_views: bool) -> list:
+        planner = Planner(PlannerSettings(prewarm_backlog=2, shrink_plans=1, shrink_delay=0.0))
+        out, members = [], {}
+        for step, demand in enumerate(({"b": 300}, {"a": 200, "b": 300, "c": 100}, {"c": 5}, {"a": 300})):
+            ws = [WorkerView(v.address, contexts=v.contexts, **budget) for v in same] if fresh_views else same
+            cs = [
+                ContextView(
+                    n,
+                    pending=p,
+                    task_seconds=0.1,
+                    load_seconds=2.0,
+                    size=(1000, 0),
+                    members=members.get(n, frozenset()),
+                )
+                for n, p in demand.items()
+            ]
+            result = planner.plan(ws, cs, now=float(step))
+            members = {n: d.members for n, d in result.contexts.items()}
+            out.append(
+                sorted(
+                    (n, sorted(d.members), [a.worker for a in d.added], d.removed) for n, d in result.contexts.items()
+                )
+            )
+        return out
+
+    assert rounds(fresh_views=False) == rounds(fresh_views=True)

@@ -16,6 +16,24 @@ import dask_pervasive as dp
 from dask_pervasive._settings import TransferSettings
 from dask_pervasive.transfer import MANIFEST, PART, SourceCoordinator
 
+CHUNK = 32 * 2**10  #: the fault tests' transfer chunk: files of a few hundred KB span several
+
+
+def fast_transfer(stall_timeout: float) -> tuple[TransferSettings, dict[str, object]]:
+    """The fault tests' transfer rules: ``CHUNK`` chunks, 2 retries, 50 ms backoff (at most 1 s), and
+    ``stall_timeout``; as settings, and as the ``dask.config`` values a worker reads them from."""
+    settings = TransferSettings(
+        chunk_size=CHUNK, retries=2, retry_backoff=0.05, retry_backoff_max=1.0, stall_timeout=stall_timeout
+    )
+    config = {
+        "pervasive.transfer.chunk-size": "32KiB",
+        "pervasive.transfer.retries": 2,
+        "pervasive.transfer.retry-backoff": "50ms",
+        "pervasive.transfer.retry-backoff-max": "1s",
+        "pervasive.transfer.stall-timeout": f"{stall_timeout:g}s",
+    }
+    return settings, config
+
 
 def write_model(
     directory, name: str = "model", sizes=(200_000, 120_000), seed: int = 0, config: bool = True

@@ -25,7 +25,7 @@ import fsspec
 import pytest
 from distributed import Client, Scheduler, Worker
 from distributed.utils_test import gen_cluster, gen_test
-from transfer_helpers import coordinator, copy_dir, digests, load_digests, write_model
+from transfer_helpers import CHUNK, coordinator, copy_dir, digests, fast_transfer, load_digests, write_model
 
 import dask_pervasive as dp
 from dask_pervasive._protocol import SchedulerHandler
@@ -34,18 +34,10 @@ from dask_pervasive.transfer import MANIFEST, PART, cached_copy, fetch_source, r
 
 _parts = importlib.import_module("dask_pervasive.transfer._parts")
 
-CHUNK = 32 * 2**10
 SIZES = (200_000, 70_000)
 #: Fast retries: 3 attempts, 50-100 ms apart.
-FAST = TransferSettings(chunk_size=CHUNK, retries=2, retry_backoff=0.05, retry_backoff_max=1.0, stall_timeout=5.0)
-FAST_CONFIG = {
-    "pervasive.transfer.chunk-size": "32KiB",
-    "pervasive.transfer.retries": 2,
-    "pervasive.transfer.retry-backoff": "50ms",
-    "pervasive.transfer.retry-backoff-max": "1s",
-    "pervasive.transfer.stall-timeout": "5s",
-    "pervasive.worker.retry-failed-after": "0s",  # a failed load may be tried again at once
-}
+FAST, _TRANSFER_CONFIG = fast_transfer(stall_timeout=5.0)
+FAST_CONFIG = {**_TRANSFER_CONFIG, "pervasive.worker.retry-failed-after": "0s"}  # a failed load may be retried at once
 
 
 def settings(chunk_size: int, **kwargs) -> TransferSettings:

@@ -31,23 +31,15 @@ import fsspec
 import pytest
 from distributed.utils_test import gen_cluster
 from fsspec.implementations.local import LocalFileSystem
-from transfer_helpers import coordinator, digests, write_model
+from transfer_helpers import CHUNK, coordinator, digests, fast_transfer, write_model
 
 import dask_pervasive as dp
 from dask_pervasive._settings import TransferSettings
 from dask_pervasive.transfer import MANIFEST, PART, RetryPolicy, fetch_source
 
-CHUNK = 32 * 2**10
 SIZES = (200_000, 70_000)
 #: Fast retries for tests: 3 attempts, 50 ms then 100 ms apart (with jitter: 25-100 ms).
-FAST = TransferSettings(chunk_size=CHUNK, retries=2, retry_backoff=0.05, retry_backoff_max=1.0, stall_timeout=1.0)
-FAST_CONFIG = {
-    "pervasive.transfer.chunk-size": "32KiB",
-    "pervasive.transfer.retries": 2,
-    "pervasive.transfer.retry-backoff": "50ms",
-    "pervasive.transfer.retry-backoff-max": "1s",
-    "pervasive.transfer.stall-timeout": "1s",
-}
+FAST, FAST_CONFIG = fast_transfer(stall_timeout=1.0)
 #: Upper bound for any failing fetch here: 3 attempts x (1 s stall + backoff), with room for a slow machine.
 BOUND = 20.0
 
