@@ -167,15 +167,15 @@ class PlannerInputs:
         ``other_seconds``, with its plain tasks (Dask's occupancy minus ours).
         """
         assert self.scheduler is not None
-        versions, views, by_worker = self._reports, self._views, self._held
+        reports, views, by_worker = self._reports, self._views, self._held
         changed = self.queues.take_changed()
         out = []
         for ws in self.scheduler.running:
             addr = ws.address
-            version = versions.get(addr, 0)
+            reported = reports.get(addr, 0)
             cached = views.get(addr)
             # Only its queue changed (no report, nothing aging): its holdings differ at most in queued seconds.
-            previous = cached[1] if cached is not None and cached[0] == version and not cached[2] else None
+            previous = cached[1] if cached is not None and cached[0] == reported and not cached[2] else None
             if previous is not None and addr not in changed:
                 out.append(previous)
                 continue
@@ -220,7 +220,7 @@ class PlannerInputs:
                     peers=addr not in self.no_peers,
                     contexts=contexts,
                 )
-            views[addr] = (version, view, volatile)
+            views[addr] = (reported, view, volatile)
             out.append(view)
         return out
 
