@@ -67,7 +67,7 @@ def _add_strategies(sub: Any) -> None:
             "results.json and one PNG per scenario."
         ),
     )
-    parser.add_argument("--quick", action="store_true", help="the small preset (about 3.5 minutes on 2 idle cores)")
+    parser.add_argument("--quick", action="store_true", help="the small preset (3 to 3.5 minutes on 2 idle cores)")
     parser.add_argument(
         "--scenario",
         type=_csv(SCENARIOS),
