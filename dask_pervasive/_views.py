@@ -64,8 +64,8 @@ class PlannerInputs:
         #: our tasks in ``processing`` per worker and context (kept from transitions and steals)
         self.queues = WorkerQueues()
         self._reports: dict[str, int] = {}  #: per worker: reports so far (a view is rebuilt when it changes)
-        #: per worker: (reports when built, its view, whether it must be rebuilt at every plan)
-        self._views: dict[str, tuple[int, WorkerView, bool]] = {}
+        #: per worker: (reports when built, its view); a view with a recent failure is rebuilt at every plan
+        self._views: dict[str, tuple[int, WorkerView]] = {}
         #: per worker: the contexts it holds something of (what a view is built from)
         self._held: dict[str, dict[str, WorkerContext]] = {}
         self._prefix_seconds: dict[str, list] = {}  #: prefix name -> [compute seconds, tasks] finished
@@ -174,12 +174,11 @@ class PlannerInputs:
             addr = ws.address
             reported = reports.get(addr, 0)
             cached = views.get(addr)
-            # Only its queue changed (no report, nothing aging): its holdings differ at most in queued seconds.
-            previous = cached[1] if cached is not None and cached[0] == reported and not cached[2] else None
+            # Only its queue changed (no report, no failure expiring): its holdings differ at most in queued seconds.
+            previous = cached[1] if cached is not None and cached[0] == reported and not cached[1].failed else None
             if previous is not None and addr not in changed:
                 out.append(previous)
                 continue
-            volatile = False
             reused = previous is not None
             contexts = {}
             held = by_worker.get(addr, {})
@@ -196,7 +195,6 @@ class PlannerInputs:
                 if h is None or h.queued_seconds != seconds:
                     h = self._holding(wc, now, seconds)
                     reused = False
-                volatile = volatile or h.failed_recently  # it turns False with time
                 contexts[name] = h
             for name in nothing:  # its next report puts it back (_touch_worker): rebuilds stay O(held)
                 del held[name]
@@ -220,7 +218,7 @@ class PlannerInputs:
                     peers=addr not in self.no_peers,
                     contexts=contexts,
                 )
-            views[addr] = (reported, view, volatile)
+            views[addr] = (reported, view)
             out.append(view)
         return out
 
