@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import statistics
 import threading
@@ -185,6 +186,11 @@ def time_hooks(dask_scheduler: Any) -> None:
     loop.call_at(loop.time() + _LAG_TICK, tick, loop.time() + _LAG_TICK)
 
 
+def _brief(timings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``timings`` for a progress line: without the per-re-plan samples."""
+    return None if timings is None else {k: v for k, v in timings.items() if k != "replan_samples_ms"}
+
+
 def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
     """Re-plan p50/p99/max (ms, wall and CPU), the hooks' longest call and total (ms), the loop's longest stall."""
     plugin = dask_scheduler.plugins.get(dp.ContextSchedulerPlugin.name)
@@ -205,6 +211,9 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
             replan_cpu_p50_ms=round(1e3 * statistics.median(cpu), 3),
             replan_cpu_p99_ms=round(1e3 * cpu[min(len(cpu) - 1, int(0.99 * len(cpu)))], 3),
             replan_cpu_max_ms=round(1e3 * cpu[-1], 3),
+            # Every re-plan's wall time, in order: a p99 over ~100 re-plans is their slowest or second
+            # slowest, so runs are pooled to compare trees (docs/placement.md).
+            replan_samples_ms=[round(1e3 * t, 3) for t in plugin.replan_seconds],
         )
     calls = hooks.get("calls", 0)
     out.update(
@@ -377,6 +386,22 @@ def parse_grid(text: str | None) -> list[tuple[int, int]]:
     return [(int(w), int(c)) for w, c in (item.split(":") for item in text.split(",") if item)]
 
 
+def reference_loop_ms() -> float:
+    """CPU milliseconds of a fixed pure-Python loop (10⁶ additions), the fastest of three.
+
+    The re-plan targets are absolute milliseconds, and the machines these
+    runs share differ 2-3x in CPU speed: this says which one a result came from.
+    """
+    best = math.inf
+    for _ in range(3):
+        t0 = time.thread_time()
+        x = 0
+        for i in range(10**6):
+            x += i
+        best = min(best, time.thread_time() - t0)
+    return round(1e3 * best, 1)
+
+
 def run_scale(
     workers: int = WORKERS,
     contexts: int = CONTEXTS,
@@ -409,11 +434,12 @@ def run_scale(
         },
         "cases": {},
         "grid": [],
+        "reference_loop_ms": reference_loop_ms(),
     }
 
     def run(case: str) -> dict[str, Any]:
         result = run_case(case, workers, contexts, tasks, task_seconds, load_seconds, churn, scheduler_process)
-        say(f"  {case}: {result['makespan_s']} s, {result['loads']} loads, {result['timings'] or 'no plugin'}")
+        say(f"  {case}: {result['makespan_s']} s, {result['loads']} loads, {_brief(result['timings']) or 'no plugin'}")
         return result
 
     def floor(name: str) -> float:
@@ -448,5 +474,6 @@ def run_scale(
                 f"grid-{w}x{c}", w, c, 10 * w, GRID_TASK_SECONDS, load_seconds / 4, churn, scheduler_process
             )
         )
-        say(f"  {result['case']}: {result['makespan_s']} s, {result['loads']} loads, {result['timings']}")
+        say(f"  {result['case']}: {result['makespan_s']} s, {result['loads']} loads, {_brief(result['timings'])}")
+    out["reference_loop_ms"] = min(out["reference_loop_ms"], reference_loop_ms())  # the quieter of before/after
     return out

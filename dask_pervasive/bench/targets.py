@@ -498,6 +498,9 @@ def check_scale(r: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append(
                     check(tag, f"{name}: event loop's longest stall ms (any cause)", t["loop_stall_max_ms"], "", None)
                 )
+    if "reference_loop_ms" in r:
+        # Re-plan times are absolute: how fast this machine runs Python (CPU ms of a fixed loop).
+        rows.append(check(tag, "machine: reference loop CPU ms (10^6 steps)", r["reference_loop_ms"], "", None))
     correct = all(run["correct"] == run["tasks"] for run in [*r["cases"].values(), *r["grid"]])
     rows.append(check(tag, "all results correct", correct, "True", correct))
     return rows
