@@ -151,7 +151,7 @@ class PlacementPlanner(PlannerInputs):
         # Known contexts without a backlog (those _context_views leaves out: no tasks, no set): while there
         # are any, a new backlog may be the first of a burst.
         quiet = len(self.plans) - len(contexts)
-        result = self.joint.plan(self._worker_views(now, task_seconds), contexts, now, quiet)
+        result = self.joint.plan(self._worker_views(now), contexts, now, quiet, self._queued_work(task_seconds))
         for name, decision in result.contexts.items():
             plan = self.plans[name]
             plan.members = set(decision.members)

@@ -1,8 +1,8 @@
 """What the joint planner reasons over: its inputs, its outputs, and its per-plan state.
 
 The inputs (:class:`Holding`, :class:`WorkerView`, :class:`ContextView`,
-:class:`PlannerSettings`) are frozen views the scheduler plugin builds from its
-warm map; the outputs (:class:`Addition`, :class:`ContextDecision`,
+:class:`QueuedWork`, :class:`PlannerSettings`) are frozen views the scheduler
+plugin builds from its warm map and task queues; the outputs (:class:`Addition`, :class:`ContextDecision`,
 :class:`PlanResult`) are what :class:`~dask_pervasive._planner.Planner` decides.
 ``_Worker`` and ``_Context`` are the planner's working state during one plan
 (a worker's timeline and budget, a context's water-filled finish time). See
@@ -38,7 +38,6 @@ class Holding:
     #: None: just now. A time, not an age: the view of a loading worker stays valid from plan to plan.
     loading_since: float | None = None
     load_seconds: float | None = None  #: this worker's measured fetch + load (EWMA), None if never loaded
-    queued_seconds: float = 0.0  #: median seconds of this context's tasks queued or running on the worker
     host_bytes: int | None = None  #: bytes held when resident (else the context's size is used)
     device_bytes: int | None = None
     failed_recently: bool = False  #: failed within ``retry-failed-after``: not a candidate
@@ -46,7 +45,7 @@ class Holding:
 
 @dataclass(frozen=True)
 class WorkerView:
-    """One running worker."""
+    """One running worker: what changes when it reports (its queues are in :class:`QueuedWork`)."""
 
     address: str
     nthreads: int = 1
@@ -54,7 +53,6 @@ class WorkerView:
     load_factor: float = 1.0  #: load seconds relative to the context's estimate, for contexts it never loaded
     host_budget: int | None = None  #: ``max_bytes`` (None: unlimited)
     device_budget: int | None = None  #: ``device_max_bytes`` (None: unlimited)
-    other_seconds: float = 0.0  #: median seconds of queued work outside our contexts (plain tasks)
     peers: bool = True  #: its cold loads may copy from peers (``pervasive.transfer.peers``)
     contexts: Mapping[str, Holding] = field(default_factory=dict)
     # Derived once per view (the plugin keeps views of unchanged workers, the planner reads these every plan).
@@ -87,6 +85,26 @@ class ContextView:
     peer_load_seconds: float | None = None
     #: seconds since its backlog began (its first task with no set); cold growth waits for a burst to settle
     demand_seconds: float = math.inf
+
+
+@dataclass(frozen=True)
+class QueuedWork:
+    """Work the workers already have (sent to them: queued or running), beside the views.
+
+    Kept apart from :class:`WorkerView` because it changes with every task
+    that starts or ends, while a view changes only when its worker reports:
+    the views (and what the planner derives from them) outlive many plans.
+    A context's queued seconds on a worker are its task count there times
+    the context's :attr:`ContextView.task_seconds`, as of this plan.
+    """
+
+    #: ``{worker: {context: tasks queued or running there}}`` (read only; the plugin's live index)
+    tasks: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: ``{worker: median seconds of its queued tasks outside our contexts}`` (plain tasks; absent: none)
+    plain_seconds: Mapping[str, float] = field(default_factory=dict)
+
+
+_NO_QUEUES = QueuedWork()
 
 
 @dataclass(frozen=True)
@@ -299,11 +317,24 @@ class _Worker:
 
 
 class _Context:
-    __slots__ = ("active", "added", "finish", "members", "rate", "rate_ready", "removed", "rs", "view", "work")
+    __slots__ = (
+        "active",
+        "added",
+        "finish",
+        "members",
+        "rate",
+        "rate_ready",
+        "removed",
+        "rs",
+        "task_seconds",
+        "view",
+        "work",
+    )
 
     def __init__(self, view: ContextView) -> None:
         self.view = view
-        self.work = view.pending * max(view.task_seconds, 0.0)
+        self.task_seconds = max(view.task_seconds, 0.0)
+        self.work = view.pending * self.task_seconds
         self.members: set[str] = set()
         #: members as (ready, -queued, address, rate, free before), sorted; the first ``active`` get work
         self.rs: list[tuple[float, float, str, float, float]] = []

@@ -1,9 +1,9 @@
 """Joint placement planning: which workers each context's tasks may run on.
 
 Pure and distributed-free: the scheduler plugin turns its warm map, budgets,
-estimates and Dask's queues into :class:`WorkerView` / :class:`ContextView`
-snapshots, calls :meth:`Planner.plan`, and applies the returned affinity sets
-(restrictions) and prewarm requests. The :class:`Planner` object keeps only
+estimates and Dask's queues into :class:`WorkerView` / :class:`ContextView` /
+:class:`QueuedWork` snapshots, calls :meth:`Planner.plan`, and applies the
+returned affinity sets (restrictions) and prewarm requests. The :class:`Planner` object keeps only
 the hysteresis memory between plans (and, to allocate less, each worker's
 working state while its view is the same object).
 
@@ -57,8 +57,9 @@ and removed in consecutive plans.
 Complexity
 ----------
 With ``W`` workers, ``C`` contexts in demand, ``H`` (worker, context)
-holdings reported, ``M`` memberships and ``k`` = ``candidates``, one plan costs
-``O(W + H + M log M + C log C)`` to set up and shrink, and each greedy step
+holdings reported, ``Q`` (worker, context) pairs with queued tasks, ``M``
+memberships and ``k`` = ``candidates``, one plan costs
+``O(W + H + Q + M log M + C log C)`` to set up and shrink, and each greedy step
 ``O(log C + k (log W + h))`` (``h``: contexts held by one candidate, for the
 budget check): candidates are the ``k`` best workers by ready time from one
 heap, plus the ``k`` first holders of the context; evaluating one is ``O(1)``
@@ -67,9 +68,10 @@ additions plus one failed step per context, so there is no
 ``workers × contexts × iterations`` loop. Only a context's first worker may
 cost a scan of all workers (``O(W h)``), when none of the ``k`` best has room.
 Which backlogs are still settling is one ``O(C)`` pass. Every plan walks
-every worker and member (``O(W + M)``, about 7 µs per worker in CPython, with
-what depends on a view alone derived once per view): at 200 workers that is
-about 1.5 ms, the floor of a full plan.
+every worker and member (``O(W + M)``, a few µs per worker in CPython): what
+depends on a view alone is derived once per view, and a view changes only when
+its worker reports (queues come in :class:`QueuedWork`), so a plan mostly
+resets working state it already has instead of allocating it again.
 """
 
 from __future__ import annotations
@@ -77,13 +79,14 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ._plan_costs import LoadCosts
 from ._plan_model import (
     _ABSENT,
     _EPS,
     _HOLDING,
+    _NO_QUEUES,
     _RESIDENT,
     _WARMING,
     Addition,
@@ -92,6 +95,7 @@ from ._plan_model import (
     Holding,
     PlannerSettings,
     PlanResult,
+    QueuedWork,
     WorkerView,
     _Context,
     _Worker,
@@ -107,6 +111,7 @@ __all__ = [
     "PlanResult",
     "Planner",
     "PlannerSettings",
+    "QueuedWork",
     "WorkerView",
 ]
 
@@ -136,6 +141,7 @@ class Planner(LoadCosts):
         ] = {}  #: context -> (plan, time) it became over-provisioned, most pending since
         self._released: dict[tuple[str, str], int] = {}  #: (context, worker) -> plan it was released in
         self._workers: dict[str, _Worker] = {}  #: the last plan's working state, reused for unchanged views
+        self._tasks_on: Mapping[str, Mapping[str, int]] = {}  #: this plan's :attr:`QueuedWork.tasks`
 
     def plan(
         self,
@@ -143,6 +149,7 @@ class Planner(LoadCosts):
         contexts: Iterable[ContextView],
         now: float,
         quiet_contexts: int | None = None,
+        queued: QueuedWork | None = None,
     ) -> PlanResult:
         """Decide every context's affinity set.
 
@@ -157,6 +164,8 @@ class Planner(LoadCosts):
         quiet_contexts
             How many other known contexts have no backlog now (None: unknown). With none,
             no other backlog can be about to arrive, so new ones do not wait to settle.
+        queued
+            The tasks already on each worker (None: nothing is queued anywhere).
 
         Returns
         -------
@@ -165,6 +174,8 @@ class Planner(LoadCosts):
         """
         s = self.settings
         self._now = now
+        self._tasks_on = (queued or _NO_QUEUES).tasks
+        plain = (queued or _NO_QUEUES).plain_seconds
         self._plans += 1
         plan_no = self._plans
         if self._released:
@@ -207,27 +218,34 @@ class Planner(LoadCosts):
                 c.removed.extend(sorted(c.view.members - members))
         # Worker timelines start with work outside the sets; pin what each worker serves.
         holders: dict[str, list[str]] = {n: [] for n in demand}
-        for w in ws.values():
+        tasks_on = self._tasks_on
+        for addr, w in ws.items():
             v = w.view
-            busy = v.other_seconds
+            busy = plain.get(addr, 0.0) if plain else 0.0
             for name, h in v.contexts.items():
                 c = demand.get(name)
                 if c is None:
-                    busy += h.queued_seconds
                     if h.state == _RESIDENT:
                         w.idle_add(w.used((h.host_bytes or 0, h.device_bytes or 0)))
                     continue  # no demand: the worker's LRU may evict it freely
-                if v.address in c.members:
+                if addr in c.members:
                     continue  # pinned below
-                if h.queued_seconds:
-                    busy += h.queued_seconds
-                    c.work = max(0.0, c.work - h.queued_seconds)  # runs there, not on the set
                 if h.state in _HOLDING or h.files:
-                    holders[name].append(v.address)
+                    holders[name].append(addr)
                     if h.state in _WARMING:
                         w.pin(name, self._size(c, h))  # cannot be evicted mid-load
                     elif h.state == _RESIDENT:
                         w.evictable_add(name, w.used(self._size(c, h)), self._full_load(w, c, h))
+            counts = tasks_on.get(addr)
+            if counts:
+                for name, n in counts.items():
+                    c = demand.get(name)
+                    if c is None or addr in c.members:
+                        continue  # no demand (no task time), or part of the set's own backlog
+                    seconds = n * c.task_seconds
+                    busy += seconds
+                    if name in v.contexts:
+                        c.work = max(0.0, c.work - seconds)  # runs there, not on the set
             w.free = busy / w.rate
 
         # Current sets, heaviest context first on shared workers.
@@ -243,7 +261,7 @@ class Planner(LoadCosts):
                 h = w.view.contexts.get(name, _ABSENT)
                 w.pin(name, size if size is not None else self._size(c, h))
                 load = 0.0 if h.state == _RESIDENT else self._load_cost(w, c, h)
-                entries.append((w.free + load, -h.queued_seconds, a, w.rate, w.free))
+                entries.append((w.free + load, -self._queued(c, a), a, w.rate, w.free))
             entries.sort()
             c.rs = entries
             c.solve()
@@ -253,7 +271,8 @@ class Planner(LoadCosts):
 
         released = self._shrink(demand, ws, plan_no, now)
 
-        heap = [(w.free, w.view.load_factor, a, 0) for a, w in ws.items()]
+        # Workers by ready time; entries carry the version so a worker the shrink just released is current.
+        heap = [(w.free, w.view.load_factor, a, w.version) for a, w in ws.items()]
         heapq.heapify(heap)
         for name, addrs in holders.items():
             addrs.sort(key=lambda a: (ws[a].free, a), reverse=True)  # best last
@@ -314,6 +333,11 @@ class Planner(LoadCosts):
                 c.shares(),
             )
         return PlanResult(decisions, tuple(prewarm), steps, settles_in)
+
+    def _queued(self, c: _Context, addr: str) -> float:
+        """Median seconds of ``c``'s tasks already on worker ``addr``."""
+        counts = self._tasks_on.get(addr)
+        return counts.get(c.view.name, 0) * c.task_seconds if counts else 0.0
 
     def _held_back(self, demand: dict[str, _Context]) -> tuple[set[str], float | None]:
         """Contexts whose sets may not grow cold yet, and the seconds until the first of them may.
@@ -466,7 +490,7 @@ class Planner(LoadCosts):
         joined = not c.rs or ready < c.finish
         if joined:
             c.active, c.rate, c.rate_ready, c.finish = a + 1, total, total_ready, finish
-        insort(c.rs, (ready, -self._holding(w, c).queued_seconds, addr, w.rate, w.free))
+        insort(c.rs, (ready, -self._queued(c, addr), addr, w.rate, w.free))
         c.members.add(addr)
         if joined:
             w.free, w.last = max(w.free, c.finish), name

@@ -6,8 +6,10 @@ free to another. Scanning every task per re-plan is what must be avoided, so
 :class:`WorkerQueues` is kept incrementally from the scheduler plugin's
 ``transition`` hook (a task enters or leaves ``processing``) and from the
 work-stealing extension's ``confirm`` events (a steal moves a task between
-workers without a transition). Each update is ``O(1)``; reading one worker's
-counts is ``O(contexts queued there)``.
+workers without a transition). Each update is ``O(1)``, and so is reading
+the counts: :attr:`WorkerQueues.tasks` is the live ``worker -> context -> n``
+index the planner reads beside its views (a view is rebuilt only when a worker
+reports, not whenever one of its tasks starts or ends).
 
 It also serves tail rebalancing: :meth:`WorkerQueues.queued_keys` gives the
 keys of one context queued on one worker, newest last, so a member of an
@@ -45,14 +47,17 @@ class WorkerQueues:
     >>> q.move("k2", "tcp://b:1")
     >>> q.counts("tcp://a:1"), q.counts("tcp://b:1")
     ({'llm': 1}, {'llm': 1})
+    >>> q.total("tcp://a:1")
+    1
     """
 
     def __init__(self) -> None:
         #: worker -> context -> keys (a dict as an insertion-ordered set: newest last)
         self._by_worker: dict[str, dict[str, dict[Hashable, None]]] = {}
         self._where: dict[Hashable, tuple[str, str]] = {}  #: key -> (worker, context)
-        #: workers whose counts changed since :meth:`take_changed` (their planner views are rebuilt)
-        self._changed: set[str] = set()
+        #: worker -> context -> len(keys), kept beside the keys so a plan reads it without building dicts
+        self._counts: dict[str, dict[str, int]] = {}
+        self._totals: dict[str, int] = {}  #: worker -> our tasks there
 
     def __len__(self) -> int:
         return len(self._where)
@@ -63,7 +68,9 @@ class WorkerQueues:
             self.discard(key)
         self._by_worker.setdefault(worker, {}).setdefault(context, {})[key] = None
         self._where[key] = (worker, context)
-        self._changed.add(worker)
+        counts = self._counts.setdefault(worker, {})
+        counts[context] = counts.get(context, 0) + 1
+        self._totals[worker] = self._totals.get(worker, 0) + 1
 
     def discard(self, key: Hashable) -> str | None:
         """``key`` left ``processing``; the worker it was on (None if it was not indexed)."""
@@ -80,7 +87,17 @@ class WorkerQueues:
                     del per[context]
             if not per:
                 del self._by_worker[worker]
-        self._changed.add(worker)
+        counts = self._counts[worker]
+        if counts[context] > 1:
+            counts[context] -= 1
+        else:
+            del counts[context]
+            if not counts:
+                del self._counts[worker]
+        if self._totals[worker] > 1:
+            self._totals[worker] -= 1
+        else:
+            del self._totals[worker]
         return worker
 
     def move(self, key: Hashable, worker: str) -> None:
@@ -95,27 +112,28 @@ class WorkerQueues:
         for keys in self._by_worker.pop(worker, {}).values():
             for key in keys:
                 self._where.pop(key, None)
-        self._changed.discard(worker)
+        self._counts.pop(worker, None)
+        self._totals.pop(worker, None)
+
+    @property
+    def tasks(self) -> Mapping[str, Mapping[str, int]]:
+        """``{worker: {context: tasks queued or running there}}``, live (read it, never change it); no empty entries."""
+        return self._counts
 
     def counts(self, worker: str) -> dict[str, int]:
-        """``{context: tasks queued or running on worker}``."""
-        return {name: len(keys) for name, keys in self._by_worker.get(worker, {}).items()}
+        """``{context: tasks queued or running on worker}`` (a copy)."""
+        return dict(self._counts.get(worker, {}))
 
     def count(self, worker: str, context: str) -> int:
-        return len(self._by_worker.get(worker, {}).get(context, ()))
+        return self._counts.get(worker, {}).get(context, 0)
+
+    def total(self, worker: str) -> int:
+        """Our tasks queued or running on ``worker``, all contexts."""
+        return self._totals.get(worker, 0)
 
     def queued_keys(self, worker: str, context: str) -> Iterator[Hashable]:
         """Keys of ``context`` on ``worker``, newest first (the ones least likely to be running)."""
         return reversed(list(self._by_worker.get(worker, {}).get(context, {})))
-
-    def take_changed(self) -> set[str]:
-        """Workers whose counts changed since the last call (and reset)."""
-        changed, self._changed = self._changed, set()
-        return changed
-
-    def mark_all(self) -> None:
-        """Every worker's counts count as changed (e.g. a context's task time became known)."""
-        self._changed.update(self._by_worker)
 
 
 def steal_within_set(

@@ -13,14 +13,16 @@ prefixes, counted as tasks come and go, one lookup per prefix; whether a complet
 context's files is alive stops at the first holder found; while a prefix has
 no duration yet, one ``O(W × threads)`` pass over the running tasks serves every
 context), and ``O(W)`` worker
-views of which only those whose state or queue changed since the last plan (or
-with a recent failure, which expires) are rebuilt, each in ``O(h + q)``
-(contexts it holds, contexts it has tasks of: the queue counts come from
-:class:`~dask_pervasive._queues.WorkerQueues`, kept incrementally, never from a
-scan of the tasks). A running load is passed as its start time, so a loading
-worker's view stays valid; a rebuild for a queue change alone keeps the
-holdings whose queued seconds did not change, and the whole view when nothing
-did.
+views of which only those whose worker reported since the last plan (or
+with a recent failure, which expires) are rebuilt, each in ``O(h)``
+(contexts it holds). A running load is passed as its start time, so a loading
+worker's view stays valid. What is queued where is not in the views: the
+planner reads :attr:`~dask_pervasive._queues.WorkerQueues.tasks` (kept
+incrementally, never from a scan of the tasks) in a
+:class:`~dask_pervasive._planner.QueuedWork`, with each worker's plain-task
+seconds (``O(1)`` per worker without plain tasks, ``O(q)`` with).
+Tasks start and end on many workers between two plans at 200 workers;
+rebuilding their views for that was most of a slow re-plan.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._measures import ContextPlan, WorkerContext, WorkerRates, ewma, fetch_source
-from ._planner import ContextView, Holding, WorkerView
+from ._planner import ContextView, Holding, QueuedWork, WorkerView
 from ._protocol import WARMING_STATES, State
 from ._queues import WorkerQueues
 
@@ -68,6 +70,8 @@ class PlannerInputs:
         self._views: dict[str, tuple[int, WorkerView]] = {}
         #: per worker: the contexts it holds something of (what a view is built from)
         self._held: dict[str, dict[str, WorkerContext]] = {}
+        #: per worker: contexts it reported since its view was built (a rebuild keeps the other holdings)
+        self._reported: dict[str, set[str]] = {}
         self._prefix_seconds: dict[str, list] = {}  #: prefix name -> [compute seconds, tasks] finished
         #: per prefix: the longest a task has computed so far (one lookup per re-plan; None: not yet)
         self._running_memo: dict[Any, float] | None = None
@@ -77,12 +81,14 @@ class PlannerInputs:
         """``addr`` reported something (a context state, its budget): rebuild its view at the next plan."""
         self._reports[addr] = self._reports.get(addr, 0) + 1
         if name is not None:
+            # Every change to a worker's WorkerContext of ``name`` comes with this call.
+            self._reported.setdefault(addr, set()).add(name)
             wc = self.warm.get(name, {}).get(addr)
             if wc is not None:
                 self._held.setdefault(addr, {})[name] = wc
 
     def _forget_worker(self, addr: str) -> None:
-        for part in (self._reports, self._views, self._held):
+        for part in (self._reports, self._views, self._held, self._reported):
             part.pop(addr, None)
         self.rates.pop(addr, None)
         self.no_peers.discard(addr)
@@ -118,7 +124,6 @@ class PlannerInputs:
         if plan is not None and not plan.timed:
             # Until now its task time was a lower bound (0 before any ran): only warm workers could join.
             plan.timed = True
-            self.queues.mark_all()  # queued work of this context was counted as 0 seconds
             if plan.pending:
                 self._schedule_replan()
         compute = sum(s["stop"] - s["start"] for s in startstops if s.get("action") == "compute")
@@ -140,7 +145,7 @@ class PlannerInputs:
             self._touch_worker(worker)
 
     # -- views -------------------------------------------------------------------------
-    def _holding(self, wc: WorkerContext, now: float, queued: float = 0.0) -> Holding:
+    def _holding(self, wc: WorkerContext, now: float) -> Holding:
         failed = (
             wc.state is State.FAILED
             and wc.failed_at is not None
@@ -152,79 +157,78 @@ class PlannerInputs:
             files=wc.files,
             loading_since=wc.loading_since if wc.state in WARMING_STATES else None,
             load_seconds=wc.load_seconds,
-            queued_seconds=queued,
             host_bytes=wc.host_bytes if resident else None,
             device_bytes=wc.device_bytes if resident else None,
             failed_recently=failed,
         )
 
-    def _worker_views(self, now: float, task_seconds: dict[str, float]) -> list[WorkerView]:
-        """Views of the running workers; unchanged ones (state and queues) come from the cache.
+    def _worker_views(self, now: float) -> list[WorkerView]:
+        """Views of the running workers; those that did not report since the last plan come from the cache.
 
-        A worker's queued work per context is its tasks in ``processing``
-        (from :attr:`queues`) times the context's task time
-        (``task_seconds``); work of a context it holds nothing of goes to its
-        ``other_seconds``, with its plain tasks (Dask's occupancy minus ours).
+        A view with a recent failure is rebuilt at every plan (the failure expires).
+        A rebuilt view keeps the holdings of contexts the worker did not report
+        since (when many workers report at once, as when their loads end
+        together, rebuilding every holding was most of a slow re-plan).
         """
         assert self.scheduler is not None
         reports, views, by_worker = self._reports, self._views, self._held
-        changed = self.queues.take_changed()
         out = []
         for ws in self.scheduler.running:
             addr = ws.address
             reported = reports.get(addr, 0)
             cached = views.get(addr)
-            # Only its queue changed (no report, no failure expiring): its holdings differ at most in queued seconds.
-            previous = cached[1] if cached is not None and cached[0] == reported and not cached[1].failed else None
-            if previous is not None and addr not in changed:
-                out.append(previous)
+            if cached is not None and cached[0] == reported and not cached[1].failed:
+                out.append(cached[1])  # the same object: the planner keeps what it derived from it
                 continue
-            reused = previous is not None
+            before = cached[1].contexts if cached is not None else {}
+            changed = self._reported.pop(addr, ())
             contexts = {}
             held = by_worker.get(addr, {})
-            counts = self.queues.counts(addr)
-            queued = {name: n * task_seconds.get(name, 0.0) for name, n in counts.items()}
-            ours = sum(queued.values())
             nothing = []
             for name, wc in held.items():
                 if wc.state is State.ABSENT and not wc.files:
                     nothing.append(name)
                     continue
-                seconds = queued.pop(name, 0.0)
-                h = previous.contexts.get(name) if previous is not None else None
-                if h is None or h.queued_seconds != seconds:
-                    h = self._holding(wc, now, seconds)
-                    reused = False
+                h = before.get(name)
+                if h is None or h.failed_recently or name in changed:
+                    h = self._holding(wc, now)
                 contexts[name] = h
             for name in nothing:  # its next report puts it back (_touch_worker): rebuilds stay O(held)
                 del held[name]
             r = self.rates.get(addr)
             host_budget, device_budget = self.budgets.get(addr, (None, None))
-            # Plain tasks: Dask's occupancy (estimated seconds of all its processing tasks) less ours.
-            plain = max(0.0, ws.occupancy - ours) if len(ws.processing) > sum(counts.values()) else 0.0
-            # Queued for contexts it holds nothing of (a member's is in the context's own backlog).
-            other = plain + sum(v for n, v in queued.items() if addr not in self._members_of(n))
-            if reused and previous.other_seconds == other and len(previous.contexts) == len(contexts):
-                view = previous  # the same object: the planner may keep what it derived from it
-            else:
-                view = WorkerView(
-                    addr,
-                    nthreads=ws.nthreads,
-                    speed=r.planned_speed if r is not None else 1.0,
-                    load_factor=r.load_factor if r is not None else 1.0,
-                    host_budget=host_budget,
-                    device_budget=device_budget,
-                    other_seconds=other,
-                    peers=addr not in self.no_peers,
-                    contexts=contexts,
-                )
+            view = WorkerView(
+                addr,
+                nthreads=ws.nthreads,
+                speed=r.planned_speed if r is not None else 1.0,
+                load_factor=r.load_factor if r is not None else 1.0,
+                host_budget=host_budget,
+                device_budget=device_budget,
+                peers=addr not in self.no_peers,
+                contexts=contexts,
+            )
             views[addr] = (reported, view)
             out.append(view)
         return out
 
-    def _members_of(self, name: str) -> set[str] | frozenset[str]:
-        plan = self.plans.get(name)
-        return plan.members if plan is not None else frozenset()
+    def _queued_work(self, task_seconds: dict[str, float]) -> QueuedWork:
+        """What each running worker already has: our tasks per context, and its plain tasks' seconds.
+
+        Plain seconds are Dask's occupancy (estimated seconds of all its
+        processing tasks) less ours at ``task_seconds``; only a worker with
+        more tasks in ``processing`` than ours has any.
+        """
+        assert self.scheduler is not None
+        queues = self.queues
+        tasks = queues.tasks
+        plain: dict[str, float] = {}
+        for ws in self.scheduler.running:
+            addr = ws.address
+            if len(ws.processing) > queues.total(addr):
+                ours = sum(n * task_seconds.get(name, 0.0) for name, n in tasks.get(addr, {}).items())
+                if ws.occupancy > ours:
+                    plain[addr] = ws.occupancy - ours
+        return QueuedWork(tasks, plain)
 
     def _context_views(self, now: float) -> list[ContextView]:
         out = []

@@ -121,13 +121,19 @@ def gated_task(model, x):
     return get_worker().address
 
 
+def plain_gated(x):
+    assert GATES[get_worker().address].wait(timeout=30)
+    return x
+
+
 def processing_of(s, addr):
     return sum(1 for ts in s.workers[addr].processing if ts.key in s.plugins[ContextSchedulerPlugin.name].task_context)
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 2)
 async def test_queued_work_per_worker_follows_transitions(c, s, a, b):
-    """The index behind the planner's queued seconds matches Dask's processing sets, and empties."""
+    """The index behind the planner's queued work matches Dask's processing sets, and empties;
+    plain tasks count as the worker's occupancy beyond ours."""
     plugin = await add_plugin(s, ContextSchedulerPlugin(prewarm_backlog=1, interval="10s"))
     await dp.install(c, [QUICK], scheduler=False)
     await dp.prewarm(c, "quick", workers=[a.address, b.address], progress=False)
@@ -137,20 +143,24 @@ async def test_queued_work_per_worker_follows_transitions(c, s, a, b):
     GATES[a.address] = threading.Event()
     try:
         futures = c.map(gated_task, range(6))
-        await async_poll_for(lambda: sum(len(ws.processing) for ws in s.workers.values()) == 6, timeout=10)
+        plain = c.submit(plain_gated, 1, workers=[a.address])
+        await async_poll_for(lambda: sum(len(ws.processing) for ws in s.workers.values()) == 7, timeout=10)
         for addr in (a.address, b.address):
             assert plugin.queues.count(addr, "quick") == processing_of(s, addr)
         plugin.replan("test")
-        views = plugin._views
         duration = s.task_prefixes["gated_task"].duration_average
         assert duration > 0
-        for addr in (a.address, b.address):
-            queued = views[addr][1].contexts["quick"].queued_seconds
-            assert queued == pytest.approx(processing_of(s, addr) * duration)
+        queued = plugin._queued_work({"quick": duration})
+        assert queued.tasks == {
+            addr: {"quick": processing_of(s, addr)} for addr in (a.address, b.address) if processing_of(s, addr)
+        }
+        assert queued.plain_seconds.keys() == {a.address}
+        ours = processing_of(s, a.address) * duration
+        assert queued.plain_seconds[a.address] == pytest.approx(s.workers[a.address].occupancy - ours)
         for gate in GATES.values():
             gate.set()
-        await c.gather(futures)
-        assert len(plugin.queues) == 0
+        await c.gather(futures + [plain])
+        assert len(plugin.queues) == 0 and plugin.queues.tasks == {}
     finally:
         GATES.clear()
 

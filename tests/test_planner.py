@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dask_pervasive._planner import ContextView, Holding, Planner, PlannerSettings, WorkerView
+from dask_pervasive._planner import ContextView, Holding, Planner, PlannerSettings, QueuedWork, WorkerView
 
 RESIDENT = Holding(state="resident")
 
@@ -140,8 +140,13 @@ class Sim:
         return self.now
 
 
-def plan_once(workers, contexts, settings=None, now=0.0):
-    return Planner(settings or PlannerSettings()).plan(workers, contexts, now=now)
+def plan_once(workers, contexts, settings=None, now=0.0, queued=None):
+    return Planner(settings or PlannerSettings()).plan(workers, contexts, now=now, queued=queued)
+
+
+def plain_tasks(workers, seconds):
+    """Every worker but the first has ``seconds`` of plain tasks queued (not idle capacity)."""
+    return QueuedWork(plain_seconds={w.address: seconds for w in workers[1:]})
 
 
 # -- the few / backlog rules ---------------------------------------------------------------------
@@ -177,9 +182,9 @@ def test_big_backlog_grows_and_prewarms():
 def test_growth_stops_when_a_busy_cold_worker_no_longer_pays():
     # 2 s of work, 0.5 s loads, workers busy 50 ms with plain tasks: a 2nd and 3rd worker pay,
     # a 4th would save less work than it spends loading
-    ws = [WorkerView("w000", contexts={"m": RESIDENT})] + views(8, other_seconds=0.05)[1:]
+    ws = [WorkerView("w000", contexts={"m": RESIDENT})] + views(8)[1:]
     ctx = ContextView("m", pending=100, task_seconds=0.02, load_seconds=0.5, members=frozenset({"w000"}))
-    d = plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    d = plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2), queued=plain_tasks(ws, 0.05)).contexts["m"]
     assert len(d.members) == 3
     assert not any("idle capacity" in a.reason for a in d.added)
 
@@ -448,6 +453,23 @@ def test_shrink_waits_for_several_plans_and_the_delay():
     assert len({len(h["m"]) for h in history}) <= 2
 
 
+def test_a_worker_released_by_one_set_is_free_for_another_in_the_same_plan():
+    # "a" is over-provisioned (2 tasks, 3 members) and releases one member in the second plan; "b"
+    # arrives then. The released worker is idle at once: b's first worker is that one, not a member
+    # of a busy until a's backlog is done.
+    planner = Planner(PlannerSettings(prewarm_backlog=2, shrink_plans=1, shrink_delay=0.0))
+    ws = [WorkerView(x, contexts={"a": RESIDENT}) for x in addrs(3)]
+    a = ContextView("a", pending=2, task_seconds=1.0, members=frozenset(addrs(3)))
+    first = planner.plan(ws, [a], now=0.0).contexts["a"]
+    assert first.members == frozenset(addrs(3)) and not first.removed  # over-provisioned since now
+    a = ContextView("a", pending=2, task_seconds=1.0, members=first.members)
+    b = ContextView("b", pending=100, task_seconds=1.0, load_seconds=0.1)
+    result = planner.plan(ws, [a, b], now=1.0)
+    released = result.contexts["a"].removed
+    assert len(released) == 1
+    assert result.contexts["b"].added[0].worker == released[0]
+
+
 # -- memory ------------------------------------------------------------------------------------
 def test_memory_packing_respects_budgets():
     ctxs = [ContextView(f"c{i}", pending=800, task_seconds=0.5, load_seconds=1.0, size=(1000, 0)) for i in range(6)]
@@ -497,14 +519,16 @@ def test_no_worker_with_room_shares_the_least_crowded():
 
 # -- cost -----------------------------------------------------------------------------------------
 def _scale_inputs(n_workers, n_contexts, warm):
-    ws, cs = [], []
+    """Views, contexts and queues: warm workers have 1 s (5 tasks) queued of each context they hold."""
+    ws, cs, tasks = [], [], {}
     names = [f"c{j:02d}" for j in range(n_contexts)]
     members = {n: set() for n in names}
     for i, a in enumerate(addrs(n_workers)):
         held = {}
         if warm:
             for n in (names[i % n_contexts], names[(i * 7 + 3) % n_contexts]):
-                held[n] = Holding(state="resident", load_seconds=2.0, queued_seconds=1.0)
+                held[n] = Holding(state="resident", load_seconds=2.0)
+            tasks[a] = dict.fromkeys(held, 5)
             members[names[i % n_contexts]].add(a)
         ws.append(WorkerView(a, speed=1.0 + (i % 3) * 0.5, host_budget=3000, contexts=held))
     for j, n in enumerate(names):
@@ -518,7 +542,7 @@ def _scale_inputs(n_workers, n_contexts, warm):
                 members=frozenset(members[n]),
             )
         )
-    return ws, cs
+    return ws, cs, QueuedWork(tasks)
 
 
 def _feed_back(ws, cs, result):
@@ -581,11 +605,11 @@ def test_plan_cost_200_workers_50_contexts(warm):
 
     def timed(planner, ws, cs, now):
         t0, w0 = time.thread_time(), time.perf_counter()
-        result = planner.plan(ws, cs, now=now)
+        result = planner.plan(ws, cs, now=now, queued=queued)
         return result, time.thread_time() - t0, time.perf_counter() - w0
 
     if warm:
-        ws, cs = _scale_inputs(200, 50, True)
+        ws, cs, queued = _scale_inputs(200, 50, True)
         planner = Planner()
         for i in range(120):
             result, cpu, wall = timed(planner, ws, cs, float(i))
@@ -596,7 +620,7 @@ def test_plan_cost_200_workers_50_contexts(warm):
             ws, cs = _feed_back(ws, cs, result)
     else:
         for _ in range(50):
-            ws, cs = _scale_inputs(200, 50, False)
+            ws, cs, queued = _scale_inputs(200, 50, False)
             result, cpu, wall = timed(Planner(), ws, cs, 0.0)
             times.append(cpu)
             walls.append(wall)
@@ -623,33 +647,37 @@ def test_settings_from_the_scheduler_settings_and_no_prewarm():
 
 # -- where a cold worker's files come from ---------------------------------------------------
 def _busy_cold(n, **kw):
-    """A warm member and ``n - 1`` cold workers busy 50 ms with plain tasks (not idle capacity)."""
-    return [WorkerView("w000", contexts={"m": RESIDENT})] + views(n, other_seconds=0.05, **kw)[1:]
+    """A warm member and ``n - 1`` cold workers (busy 50 ms with plain tasks: pass ``queued=_BUSY``)."""
+    return [WorkerView("w000", contexts={"m": RESIDENT})] + views(n, **kw)[1:]
+
+
+_BUSY = plain_tasks(views(8), 0.05)
 
 
 def test_a_cold_worker_that_can_copy_from_a_peer_is_priced_at_the_copy():
     # 2 s of backlog; reading the origin takes 5 s (never pays), copying from a peer 0.3 s (pays).
     origin = ContextView("m", pending=100, task_seconds=0.02, load_seconds=5.0, members=frozenset({"w000"}))
-    d = plan_once(_busy_cold(4), [origin], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    d = plan_once(_busy_cold(4), [origin], PlannerSettings(prewarm_backlog=2), queued=_BUSY).contexts["m"]
     assert d.members == {"w000"}
     peer = ContextView(
         "m", pending=100, task_seconds=0.02, load_seconds=5.0, members=frozenset({"w000"}), peer_load_seconds=0.3
     )
-    d = plan_once(_busy_cold(4), [peer], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    d = plan_once(_busy_cold(4), [peer], PlannerSettings(prewarm_backlog=2), queued=_BUSY).contexts["m"]
     assert len(d.members) == 4 and all(a.cold for a in d.added)
     # a worker that does not copy from peers (pervasive.transfer.peers off) still reads the origin
-    d = plan_once(_busy_cold(4, peers=False), [peer], PlannerSettings(prewarm_backlog=2)).contexts["m"]
+    d = plan_once(_busy_cold(4, peers=False), [peer], PlannerSettings(prewarm_backlog=2), queued=_BUSY).contexts["m"]
     assert d.members == {"w000"}
 
 
 def test_cached_files_cost_the_setup_only():
     # the worker has the files: it pays the 0.2 s setup, not the 5 s origin read minus a fetch guess
     ws = [WorkerView("w000", contexts={"m": RESIDENT})]
-    ws.append(WorkerView("w001", other_seconds=0.05, contexts={"m": Holding(state="evicted", files=True)}))
+    ws.append(WorkerView("w001", contexts={"m": Holding(state="evicted", files=True)}))
+    busy = plain_tasks(ws, 0.05)
     ctx = ContextView(
         "m", pending=100, task_seconds=0.02, load_seconds=5.0, fetch_seconds=1.0, members=frozenset({"w000"})
     )
-    assert plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2)).contexts["m"].members == {"w000"}
+    assert plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2), queued=busy).contexts["m"].members == {"w000"}
     ctx = ContextView(
         "m",
         pending=100,
@@ -659,7 +687,8 @@ def test_cached_files_cost_the_setup_only():
         members=frozenset({"w000"}),
         setup_seconds=0.2,
     )
-    assert plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2)).contexts["m"].members == {"w000", "w001"}
+    members = plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2), queued=busy).contexts["m"].members
+    assert members == {"w000", "w001"}
 
 
 def test_a_running_load_counts_down_with_the_plans_clock():

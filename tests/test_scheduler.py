@@ -265,31 +265,36 @@ async def test_contexts_settle_under_memory_budget(c, s, *workers):
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 2, timeout=60)
 async def test_worker_views_are_kept_while_nothing_the_planner_reads_changed(c, s, a, b):
-    """A view is rebuilt only when its worker reported or its queue changed; a queue change that
-    leaves the counts as they were keeps the same objects, and so does a running load (its view
-    carries the load's start time, not its age)."""
+    """A view is rebuilt only when its worker reported: tasks starting and ending reach the planner
+    in its QueuedWork, beside the views, and a running load keeps its view (the view carries the
+    load's start time, not its age). A rebuilt view keeps the holdings its worker did not report."""
     plugin = await add_plugin(s, ContextSchedulerPlugin(interval="1h"))
     await dp.install(c, [SLOW], scheduler=False)
     await dp.prewarm(c, "slow", workers=[a.address], progress=False)
     now = time.monotonic()
-    first = {v.address: v for v in plugin._worker_views(now, {"slow": 0.1})}
+    first = {v.address: v for v in plugin._worker_views(now)}
     assert first[a.address].contexts["slow"].state == "resident"
-    assert {v.address: v for v in plugin._worker_views(now + 1, {"slow": 0.1})} == first
+    assert {v.address: v for v in plugin._worker_views(now + 1)} == first
     plugin.queues.add("k", a.address, "slow")
-    plugin.queues.discard("k")  # a changed, its counts did not
-    again = {v.address: v for v in plugin._worker_views(now + 2, {"slow": 0.1})}
-    assert again[a.address] is first[a.address]
-    plugin.queues.add("k", a.address, "slow")
-    queued = {v.address: v for v in plugin._worker_views(now + 3, {"slow": 0.1})}
-    assert queued[a.address] is not first[a.address]
-    assert queued[a.address].contexts["slow"].queued_seconds == pytest.approx(0.1)
+    again = {v.address: v for v in plugin._worker_views(now + 2)}
+    assert all(again[w] is first[w] for w in first)
+    assert plugin._queued_work({"slow": 0.1}).tasks == {a.address: {"slow": 1}}
     plugin.queues.discard("k")
+    assert plugin._queued_work({"slow": 0.1}).tasks == {}
     b.log_event(EVENT_TOPIC, {"action": "context-state", "context": "slow", "state": "loading", "loads": 0})
     await async_poll_for(lambda: plugin.warm["slow"][b.address].state is State.LOADING, timeout=10.0)
-    loading = {v.address: v for v in plugin._worker_views(now + 4, {"slow": 0.1})}
-    later = {v.address: v for v in plugin._worker_views(now + 9, {"slow": 0.1})}
+    loading = {v.address: v for v in plugin._worker_views(now + 4)}
+    assert loading[b.address] is not first[b.address]  # b reported
+    later = {v.address: v for v in plugin._worker_views(now + 9)}
     assert later[b.address] is loading[b.address]
     assert later[b.address].contexts["slow"].loading_since == plugin.warm["slow"][b.address].loading_since
+    # a report of one context rebuilds the view, keeping the holdings of the others
+    a.log_event(EVENT_TOPIC, {"action": "context-state", "context": "other", "state": "loading", "loads": 0})
+    await async_poll_for(lambda: a.address in plugin.warm.get("other", {}), timeout=10.0)
+    both = {v.address: v for v in plugin._worker_views(now + 10)}
+    assert both[a.address] is not first[a.address]
+    assert both[a.address].contexts["slow"] is first[a.address].contexts["slow"]
+    assert both[a.address].contexts["other"].state == "loading"
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 3, timeout=60)
