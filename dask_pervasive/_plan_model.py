@@ -2,8 +2,9 @@
 
 The inputs (:class:`Holding`, :class:`WorkerView`, :class:`ContextView`,
 :class:`QueuedWork`, :class:`PlannerSettings`) are frozen views the scheduler
-plugin builds from its warm map and task queues; the outputs (:class:`Addition`, :class:`ContextDecision`,
-:class:`PlanResult`) are what :class:`~dask_pervasive._planner.Planner` decides.
+plugin builds from its warm map and task queues; the outputs
+(:class:`Addition`, :class:`ContextDecision`, :class:`PlanResult`) are what
+:class:`~dask_pervasive._planner.Planner` decides.
 ``_Worker`` and ``_Context`` are the planner's working state during one plan
 (a worker's timeline and budget, a context's water-filled finish time). See
 :mod:`dask_pervasive._planner` for the algorithm and its cost.
