@@ -456,7 +456,7 @@ def test_shrink_waits_for_several_plans_and_the_delay():
 def test_a_worker_released_by_one_set_is_free_for_another_in_the_same_plan():
     # "a" is over-provisioned (2 tasks, 3 members) and releases one member in the second plan; "b"
     # arrives then. The released worker is idle at once: b's first worker is that one, not a member
-    # of a busy until a's backlog is done.
+    # of a that is busy until a's backlog is done.
     planner = Planner(PlannerSettings(prewarm_backlog=2, shrink_plans=1, shrink_delay=0.0))
     ws = [WorkerView(x, contexts={"a": RESIDENT}) for x in addrs(3)]
     a = ContextView("a", pending=2, task_seconds=1.0, members=frozenset(addrs(3)))
