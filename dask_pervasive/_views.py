@@ -292,17 +292,28 @@ class PlannerInputs:
     def _task_seconds(self, plan: ContextPlan) -> float:
         """Mean seconds per pending task of ``plan``: one figure per task prefix, weighted by its count.
 
-        Uses Dask's per-prefix duration average (from which worker plugins
-        removed load time; ``distributed.scheduler.default-task-durations``
-        declares one up front). For a prefix without one, see
-        :meth:`_untimed_seconds`. ``O(prefixes)``: the counts are kept as
-        tasks come and go (:meth:`ContextPlan.add_pending`).
+        A prefix with finished tasks timed here uses their mean compute time
+        (load time excluded by the worker plugins): the figure workers'
+        speeds are measured against, so work and rates are in the same unit.
+        Dask's own per-prefix average moves halfway to every finished task,
+        so with slow and fast workers it follows whichever finished last (a
+        2× slower half made it 0.4 s for tasks that mostly took 0.2 s, and
+        warmed workers late in a backlog). Without that mean (no task
+        finished yet, or tasks too short to time), Dask's average serves
+        (``distributed.scheduler.default-task-durations`` declares one up
+        front); without either, see :meth:`_untimed_seconds`.
+        ``O(prefixes)``: the counts are kept as tasks come and go
+        (:meth:`ContextPlan.add_pending`).
         """
         total = 0.0
         counted = 0
         for prefix, n in plan.pending_prefixes.items():
-            d = prefix.duration_average
-            total += n * (d if d >= 0 else self._untimed_seconds(plan, prefix))
+            d = self._measured_seconds(prefix.name)
+            if d is None:
+                d = prefix.duration_average
+                if d < 0:
+                    d = self._untimed_seconds(plan, prefix)
+            total += n * d
             counted += n
         return total / counted if counted else 0.0
 

@@ -138,6 +138,41 @@ async def test_a_prefix_dask_stopped_trusting_keeps_the_measured_mean(c, s, *wor
     assert await c.gather(running) == 11
 
 
+def sleepy_task(x):
+    """20 ms under the annotated context (long enough to be timed), then the task gate."""
+    dp.get_context()
+    time.sleep(0.02)
+    if not TASK_GATE.wait(120):
+        raise TimeoutError("the test never opened the task gate")
+    return x
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, timeout=120)
+async def test_task_time_is_the_mean_the_speeds_are_measured_against(c, s, *workers):
+    """Once tasks of a prefix have been timed, its task time is their mean compute time, not
+    Dask's prefix average: that one moves halfway to every finished task, so with slow and fast
+    workers it follows whichever finished last, while speeds are measured against the mean."""
+    plugin = ContextSchedulerPlugin(interval="50ms")
+    await dp.install(c, [SLOW], scheduler=False)
+    await add_plugin(s, plugin)
+    TASK_GATE.set()
+    try:
+        with dask.annotate(context="slow"):
+            assert await c.gather(c.map(sleepy_task, range(6), pure=False)) == list(range(6))
+            TASK_GATE.clear()
+            pending = c.submit(sleepy_task, 7, pure=False)
+        plan = plugin.plans["slow"]
+        await async_poll_for(lambda: pending.key in plan.pending, timeout=60)
+        prefix = s.tasks[pending.key].prefix
+        measured = plugin._measured_seconds(prefix.name)
+        assert measured is not None and measured >= 0.02
+        prefix.duration_average = 10 * measured  # what a last task on a much slower worker leaves
+        assert plugin._task_seconds(plan) == pytest.approx(measured)
+    finally:
+        TASK_GATE.set()
+    assert await pending == 7
+
+
 @gen_cluster(client=True, nthreads=[("", 1)] * 3, timeout=120)
 async def test_running_time_counts_from_residency_for_every_context_of_the_prefix(c, s, *workers):
     """A task that waited for its context's load has run longer than it computed: the
