@@ -3,9 +3,10 @@
 Pure and distributed-free: the scheduler plugin turns its warm map, budgets,
 estimates and Dask's queues into :class:`WorkerView` / :class:`ContextView` /
 :class:`QueuedWork` snapshots, calls :meth:`Planner.plan`, and applies the
-returned affinity sets (restrictions) and prewarm requests. The :class:`Planner` object keeps only
-the hysteresis memory between plans (and, to allocate less, each worker's
-working state while its view is the same object).
+returned affinity sets (restrictions) and prewarm requests. The
+:class:`Planner` object keeps only the hysteresis memory between plans (and,
+to allocate less, each worker's working state while its view is the same
+object).
 
 Model
 -----
@@ -174,8 +175,8 @@ class Planner(LoadCosts):
         """
         s = self.settings
         self._now = now
-        self._tasks_on = (queued or _NO_QUEUES).tasks
-        plain = (queued or _NO_QUEUES).plain_seconds
+        queued = queued or _NO_QUEUES
+        self._tasks_on, plain = queued.tasks, queued.plain_seconds
         self._plans += 1
         plan_no = self._plans
         if self._released:

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from dask_pervasive._planner import ContextView, Holding, Planner, PlannerSettings, QueuedWork, WorkerView
+from dask_pervasive.bench.scale import reference_loop_ms
 
 RESIDENT = Holding(state="resident")
 
@@ -582,15 +583,6 @@ def _percentiles(times):
     return statistics.median(times), times[max(0, int(0.99 * len(times)) - 1)], times[-1]
 
 
-def _reference_seconds():
-    """CPU seconds of a fixed pure-Python loop, to compare timings across machines and load."""
-    t0 = time.thread_time()
-    x = 0
-    for i in range(10**6):
-        x += i
-    return time.thread_time() - t0
-
-
 @pytest.mark.parametrize("warm", [False, True], ids=["cold-start", "steady"])
 def test_plan_cost_200_workers_50_contexts(warm):
     """Not a timing assertion: prints p50/p99/max of one plan (the issue's target: p99 <= 5 ms).
@@ -601,7 +593,7 @@ def test_plan_cost_200_workers_50_contexts(warm):
     CPU time of this thread (wall time on a shared machine mostly measures the others).
     """
     times, walls, steps = [], [], []
-    ref = _reference_seconds()
+    ref = reference_loop_ms()  # to compare timings across machines and load
 
     def timed(planner, ws, cs, now):
         t0, w0 = time.thread_time(), time.perf_counter()
@@ -627,11 +619,11 @@ def test_plan_cost_200_workers_50_contexts(warm):
             steps.append(result.steps)
     p50, p99, top = _percentiles(times)
     w50, w99, wtop = _percentiles(walls)
-    ref = min(ref, _reference_seconds())
+    ref = min(ref, reference_loop_ms())
     print(
         f"\n200x50 {'steady' if warm else 'cold-start'}: CPU p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, "
         f"max {top * 1e3:.2f} ms (wall p50 {w50 * 1e3:.2f}, p99 {w99 * 1e3:.2f}, max {wtop * 1e3:.2f}); "
-        f"steps p50 {statistics.median(steps)}; reference loop {ref * 1e3:.0f} ms CPU"
+        f"steps p50 {statistics.median(steps)}; reference loop {ref:.0f} ms CPU"
     )
     assert len(result.contexts) == 50 and all(d.members for d in result.contexts.values())
 
