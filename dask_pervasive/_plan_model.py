@@ -121,6 +121,8 @@ class PlannerSettings:
     shrink_delay: float = 1.0  #: ... and this many seconds
     #: seconds a new backlog waits before its set grows cold (see the planner's module docstring)
     settle_seconds: float = 1.0
+    #: an idle worker joins only if its set would still finish sooner were its load this much slower
+    idle_load_margin: float = 0.25
 
     @classmethod
     def from_scheduler(cls, settings: SchedulerSettings, **overrides) -> PlannerSettings:

@@ -32,6 +32,12 @@ for B only after A, busy workers look busy, and because the latest context
 chooses first, one context cannot take the workers another one needs. A
 context with ``pending <= prewarm_backlog * members`` (or no more pending
 tasks than members) does not grow; a warm idle worker joins for free.
+When no addition pays for itself any more, *idle capacity* is offered: a
+worker with nothing queued and room for the context beside what it holds
+joins while its set finishes sooner even if its load took
+``1 + idle_load_margin`` times its estimate (its loading time would go unused
+otherwise, and nothing is evicted; the margin keeps it from reading the files
+for the last few tasks of a backlog, or for none when the estimate was short).
 
 New backlogs settle before sets grow cold: every context in demand gets its
 first worker at once (its tasks are restricted in the same plan), but while
@@ -367,9 +373,11 @@ class Planner(LoadCosts):
 
         ``idle=False``: an addition must pay for itself. ``idle=True``: only workers
         with nothing to do and room to spare are offered, and shortening the
-        backlog is enough (their time would be lost anyway; nothing is evicted).
+        backlog with ``idle_load_margin`` to spare is enough (their time would be
+        lost anyway; nothing is evicted).
         Contexts in ``held`` take only warm workers (see :meth:`_held_back`).
         """
+        idle_factor = 1 + self.settings.idle_load_margin
         grow = [(-c.finish, c.view.name) for c in demand.values() if c.view.name not in released]
         heapq.heapify(grow)
         additions = steps = 0
@@ -389,7 +397,7 @@ class Planner(LoadCosts):
                     # (the work the set saves is rate * (finish - ready), the work it gives up
                     # rate * overhead), or, idle, once its load; and it must beat the best so far.
                     lower = self._cold_load(w, c)
-                    if finish_now <= w.free + (1 if idle else 2) * lower or (
+                    if finish_now <= w.free + (idle_factor if idle else 2) * lower or (
                         best is not None and w.rate <= best[1].rate and w.free + lower >= best[2][2]
                     ):
                         continue
@@ -403,7 +411,10 @@ class Planner(LoadCosts):
                     continue
                 gain = c.finish - finish
                 if idle:
-                    ok = gain > _EPS and not evicts
+                    # Its load must end early enough to survive an estimate that is off by the margin
+                    # (loads from a busy filesystem vary): a load that ends just before the backlog
+                    # does would read the files for a few tasks, or for none.
+                    ok = gain > _EPS and not evicts and w.free + idle_factor * overhead < finish_now
                 elif overhead == 0 and w.free <= _EPS:
                     ok = gain >= -_EPS  # warm and idle: joins for free, even before durations are known
                 else:

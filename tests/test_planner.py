@@ -202,6 +202,29 @@ def test_idle_workers_join_while_they_shorten_the_backlog():
     assert d.finish == pytest.approx((2 + 7 * 0.5) / 8)
 
 
+def test_an_idle_worker_does_not_load_for_the_end_of_a_backlog():
+    # A replacement joins after a preemption with 3.5 s of work left on two warm workers (7 s of
+    # tasks) and a 3 s load: it would finish 0.2 s sooner, but only if its load took no longer than
+    # estimated, and it would read the files for ~7 tasks. It stays out; with 5 s left it joins.
+    warm = [WorkerView(a, contexts={"m": RESIDENT}) for a in addrs(2)]
+    ws = warm + [WorkerView("new", contexts={})]
+    members = frozenset(addrs(2))
+
+    def plan(seconds_left: float, margin: float = PlannerSettings.idle_load_margin):
+        pending = round(2 * seconds_left / 0.05)
+        ctx = ContextView("m", pending=pending, task_seconds=0.05, load_seconds=3.0, members=members)
+        return plan_once(ws, [ctx], PlannerSettings(prewarm_backlog=2, idle_load_margin=margin))
+
+    end = plan(3.5)
+    assert end.contexts["m"].members == members and not end.prewarm
+    assert end.contexts["m"].finish == pytest.approx(3.5)
+    assert plan(3.5, margin=0.0).contexts["m"].members == members | {"new"}  # the margin decides
+    longer = plan(5.0)
+    assert [(a.worker, a.cold) for a in longer.contexts["m"].added] == [("new", True)]
+    assert "idle capacity" in longer.contexts["m"].added[0].reason
+    assert longer.prewarm == (("new", "m"),)
+
+
 def test_idle_capacity_evicts_nothing():
     # Room for one context: an idle worker holding another (no tasks now) is not used for spare
     # capacity, and neither is one whose budget the context would fill past.
