@@ -57,6 +57,16 @@ def _csv(choices: tuple[str, ...]):
     return parse
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}")
+    return n
+
+
 def _add_strategies(sub: Any) -> None:
     parser = sub.add_parser(
         "strategies",
@@ -134,6 +144,13 @@ def _add_placement(sub: Any) -> None:
         help=f"comma-separated subset of {', '.join(scale.CASES)} (default: all; none: only --scale-grid)",
     )
     group.add_argument("--scale-grid", default="", metavar="W:C,...", help="cost-only runs, e.g. 25:1,200:20")
+    group.add_argument(
+        "--scale-repeat",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="run each grid point N times; its re-plan times are pooled over them (default 1)",
+    )
     group.add_argument(
         "--churn", type=int, default=scale.CHURN, help="workers closed (then as many replaced and added)"
     )
@@ -342,6 +359,7 @@ def _run_scale(args: argparse.Namespace) -> dict[str, Any]:
         load_seconds=args.scale_load_seconds,
         cases=[c for c in args.scale_cases if c != "none"],
         grid=scale.parse_grid(args.scale_grid),
+        repeat=args.scale_repeat,
         churn=args.churn,
         scheduler_process=args.scale_scheduler == "process",
     )

@@ -149,7 +149,10 @@ def save_scale(result: dict[str, Any], path: str) -> str:
         axes[1].axhline(1.0, linestyle=":", color="green")
     axes[1].set_title("makespan / (its floor + one load)")
     runs = [r for r in [*cases.values(), *result["grid"]] if r.get("timings") and r["timings"].get("replans")]
-    labels = [f"{r['workers']}x{r['contexts']} {r['case']}" for r in runs]
+    # Repeated grid runs get their index (a categorical axis puts equal labels on one point).
+    labels = [
+        f"{r['workers']}x{r['contexts']} {r['case']}" + (f" #{r['repeat']}" if r.get("repeat") else "") for r in runs
+    ]
     for key, colour in (("replan_p50_ms", "tab:blue"), ("replan_p99_ms", "tab:orange"), ("hook_max_ms", "tab:red")):
         axes[2].plot(labels, [r["timings"].get(key) for r in runs], marker="o", label=key, color=colour)
     axes[2].set_yscale("log")
