@@ -465,6 +465,8 @@ def run_scale(
     once decides the ratio more than the case does. The floor's own entry is
     its first run, with every run's makespan in ``runs_s``.
     """
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
     out: dict[str, Any] = {
         "parameters": {
             "workers": workers,
@@ -513,8 +515,6 @@ def run_scale(
     for name in ("floor", "hetero-floor"):
         if name in cases and name not in out["cases"]:
             floor(name)  # asked for alone
-    if repeat < 1:
-        raise ValueError(f"repeat must be at least 1, got {repeat}")
     for w, c in grid or ():
         runs = []
         for i in range(repeat):
