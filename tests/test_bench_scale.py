@@ -9,24 +9,29 @@ from dask_pervasive.bench import scale, targets
 pytestmark = pytest.mark.timeout(120)
 
 
+def _result(case, workers, contexts, tasks, makespan, timings=None) -> dict:
+    """What ``run_case`` returns, for a run where every task was correct and every worker loaded once."""
+    return {
+        "case": case,
+        "workers": workers,
+        "contexts": contexts,
+        "tasks": tasks,
+        "correct": tasks,
+        "makespan_s": makespan,
+        "loads": workers,
+        "loads_per_worker": 1.0,
+        "slow_workers": workers // 2 if case.startswith("hetero") else 0,
+        "timings": timings,
+    }
+
+
 def _fake_runs(monkeypatch, makespans: dict[str, list[float]]) -> list[str]:
     """Replace ``run_case`` by one that returns each case's next makespan; the order cases ran in."""
     order: list[str] = []
 
     def run_case(case, workers, contexts, tasks, *args):
         order.append(case)
-        return {
-            "case": case,
-            "workers": workers,
-            "contexts": contexts,
-            "tasks": tasks,
-            "correct": tasks,
-            "makespan_s": makespans[case].pop(0),
-            "loads": workers,
-            "loads_per_worker": 1.0,
-            "slow_workers": workers // 2 if case.startswith("hetero") else 0,
-            "timings": None,
-        }
+        return _result(case, workers, contexts, tasks, makespans[case].pop(0))
 
     monkeypatch.setattr(scale, "run_case", run_case)
     return order
@@ -78,16 +83,7 @@ def test_repeated_grid_runs_are_pooled_and_the_target_is_on_the_pool(monkeypatch
             "replan_samples_ms": samples,
             "hook_max_ms": max(samples) + 0.1,
         }
-        return {
-            "case": case,
-            "workers": workers,
-            "contexts": contexts,
-            "tasks": tasks,
-            "correct": tasks,
-            "makespan_s": 5.0,
-            "loads": workers,
-            "timings": timings,
-        }
+        return _result(case, workers, contexts, tasks, 5.0, timings)
 
     monkeypatch.setattr(scale, "run_case", run_case)
     r = scale.run_scale(cases=[], grid=[(200, 20)], repeat=3)
