@@ -318,13 +318,12 @@ class PlannerInputs:
         return total / counted if counted else 0.0
 
     def _untimed_seconds(self, plan: ContextPlan, prefix: Any) -> float:
-        """Estimated seconds per task of a prefix without a duration average in Dask.
+        """Estimated seconds per task of a prefix with no timed task and no duration average in Dask.
 
         Dask forgets a prefix's average (sets it to -1) whenever a running
         task has been executing over twice as long, which every task that
-        waits for its context's load does; a prefix with finished tasks
-        then keeps the mean of their compute times measured here (the
-        worker plugin took load time out of them).
+        waits for its context's load does; a prefix with timed tasks keeps
+        their mean before this is asked (:meth:`_task_seconds`).
 
         A prefix that no task has finished yet: while no worker holds the
         context resident nothing can time it, so Dask's own prior
@@ -340,9 +339,6 @@ class PlannerInputs:
         warm worker's few short tasks from warming others.
         """
         assert self.scheduler is not None
-        measured = self._measured_seconds(prefix.name)
-        if measured is not None:
-            return measured
         running = self._running_seconds()
         if prefix in running:
             return running[prefix]

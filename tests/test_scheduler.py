@@ -131,7 +131,7 @@ async def test_a_prefix_dask_stopped_trusting_keeps_the_measured_mean(c, s, *wor
         ts = s.tasks[running.key]
         ts.processing_on.executing[ts] = 1000.0  # a heartbeat's figure for a task that waited long
         ts.prefix.duration_average = -1  # what Dask then does
-        seconds = plugin._untimed_seconds(plugin.plans["slow"], ts.prefix)
+        seconds = plugin._task_seconds(plugin.plans["slow"])  # the running task's prefix only
         assert 0.0 < seconds < 0.5  # the finished tasks' mean: nothing of the load or the heartbeat
     finally:
         TASK_GATE.set()

@@ -195,6 +195,11 @@ def _brief(timings: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if timings is None else {k: v for k, v in timings.items() if k != "replan_samples_ms"}
 
 
+def _percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of ascending ``ordered`` (not empty): the sample at rank ``int(q * n)``."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
     """Re-plan p50/p99/max (ms, wall and CPU), the hooks' longest call and total (ms), the loop's longest stall."""
     plugin = dask_scheduler.plugins.get(dp.ContextSchedulerPlugin.name)
@@ -210,10 +215,10 @@ def plugin_timings(dask_scheduler: Any) -> dict[str, Any] | None:
     if samples:
         out.update(
             replan_p50_ms=round(1e3 * statistics.median(samples), 3),
-            replan_p99_ms=round(1e3 * samples[min(len(samples) - 1, int(0.99 * len(samples)))], 3),
+            replan_p99_ms=round(1e3 * _percentile(samples, 0.99), 3),
             replan_max_ms=round(1e3 * samples[-1], 3),
             replan_cpu_p50_ms=round(1e3 * statistics.median(cpu), 3),
-            replan_cpu_p99_ms=round(1e3 * cpu[min(len(cpu) - 1, int(0.99 * len(cpu)))], 3),
+            replan_cpu_p99_ms=round(1e3 * _percentile(cpu, 0.99), 3),
             replan_cpu_max_ms=round(1e3 * cpu[-1], 3),
             # Every re-plan's wall time, in order: a p99 over ~100 re-plans is their slowest or second
             # slowest, so runs are pooled to compare trees (docs/placement.md).
@@ -413,27 +418,24 @@ def pool_replans(runs: list[dict[str, Any]]) -> dict[str, Any]:
     (the event-loop stall we cause).
     """
     first = runs[0]
-    samples = sorted(x for r in runs for x in (r.get("timings") or {}).get("replan_samples_ms", ()))
+    timings = [r.get("timings") or {} for r in runs]
+    samples = sorted(x for t in timings for x in t.get("replan_samples_ms", ()))
     out: dict[str, Any] = {
         "case": first["case"],
         "workers": first["workers"],
         "contexts": first["contexts"],
         "runs": len(runs),
         "replans": len(samples),
-        "run_p99_ms": [(r.get("timings") or {}).get("replan_p99_ms") for r in runs],
+        "run_p99_ms": [t.get("replan_p99_ms") for t in timings],
         "loads": [r["loads"] for r in runs],
         "makespan_s": [r["makespan_s"] for r in runs],
-        "hook_max_ms": max(((r.get("timings") or {}).get("hook_max_ms", 0.0) for r in runs), default=0.0),
+        "hook_max_ms": max(t.get("hook_max_ms", 0.0) for t in timings),
     }
     if samples:
-
-        def rank(q: float) -> float:
-            return samples[min(len(samples) - 1, int(q * len(samples)))]
-
         out.update(
             replan_p50_ms=round(statistics.median(samples), 3),
-            replan_p90_ms=rank(0.9),
-            replan_p99_ms=rank(0.99),
+            replan_p90_ms=_percentile(samples, 0.9),
+            replan_p99_ms=_percentile(samples, 0.99),
             replan_max_ms=samples[-1],
         )
     return out
